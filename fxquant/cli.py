@@ -1,0 +1,121 @@
+"""The `fxquant` command line: compile, report, dump, passes, demo.
+
+Example:
+    fxquant dump kws-cnn --after fold-bn
+    fxquant compile bcresnet --avg-bits 3 --dump-dir dumps/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .errors import FxQuantError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo name (kws-cnn, bcresnet, digits) or module.path:factory returning "
+                                 "(model, example_inputs)")
+    p.add_argument("--passes", help="pipeline text, e.g. 'cleanup,fold-bn,propagate-shapes'")
+    p.add_argument("--dump-dir", help="write the graph after every pass here")
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--bits", type=int, choices=(8, 4, 3, 2), help="one weight bit width for every node")
+    g.add_argument("--avg-bits", type=float, help="mixed precision: average weight bits budget")
+    g.add_argument("--budget-bytes", type=int, help="mixed precision: total weight bytes budget")
+    p.add_argument("--scheme", default="auto", choices=("uniform", "codebook", "auto"))
+    p.add_argument("--target", default="native", help="native | avx512 | avx2 | portable | reference")
+
+
+def cmd_compile(args) -> int:
+    import fxquant
+    from .zoo import load_factory
+
+    model, inputs = load_factory(args.model)
+    cm = fxquant.compile_lowbit(model, inputs, bits=args.bits, avg_bits=args.avg_bits,
+                                budget_bytes=args.budget_bytes, scheme=args.scheme, passes=args.passes,
+                                target=args.target, dump_dir=args.dump_dir)
+    print(cm.report(passes=True))
+    if getattr(args, "out", None):
+        cm.save(args.out)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    import fxquant
+    from .dump import table_text
+    from .pipeline import Pipeline
+    from .zoo import load_factory
+
+    model, inputs = load_factory(args.model)
+    pipeline = Pipeline.coerce(args.passes or fxquant.default_pipeline("reference"))
+    names = pipeline.names()
+    if args.after not in names:
+        raise fxquant.PipelineError(f"--after {args.after!r} is not in the pipeline; its passes are: "
+                                    f"{', '.join(names)}")
+    steps = pipeline.steps[: names.index(args.after) + 1]
+    cm = fxquant.compile_lowbit(model, inputs, passes=Pipeline(steps), dump_dir=args.dump_dir)
+    print(table_text(cm.graph_module, include_get_attr=args.all))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from tabulate import tabulate
+    from .registry import available_passes
+
+    rows = [[p.name, p.kind, p.origin, p.description] for p in available_passes().values()]
+    print(tabulate(rows, headers=["pass", "kind", "from", "what it does"], tablefmt="simple"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxquant", description="Low-bit compiler for speech models on CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compile", help="compile a model and print its per-node report")
+    _add_model_args(p)
+    _add_budget_args(p)
+    p.add_argument("--out", help="save the compiled artifact to this directory")
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("report", help="compile a model and print its per-node report (no artifact)")
+    _add_model_args(p)
+    _add_budget_args(p)
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("dump", help="print the graph table after a chosen pass")
+    _add_model_args(p)
+    p.add_argument("--after", default="propagate-shapes", help="pass name after which to print the graph")
+    p.add_argument("--all", action="store_true", help="include get_attr (parameter) nodes")
+    p.set_defaults(fn=cmd_dump)
+    p = sub.add_parser("passes", help="list registered passes (built-in and plugins)")
+    p.set_defaults(fn=cmd_passes)
+    p = sub.add_parser("demo", help="compile the digit recognizer at several budgets and transcribe speech")
+    p.add_argument("--quick", action="store_true", help="fewer test strings")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        return args.fn(args)
+    except FxQuantError as exc:
+        print(f"fxquant: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Compiled modules: the drop-in result of compile_lowbit, and its per-node report.
+
+Example:
+    >>> cm = fxquant.compile_lowbit(model, inputs, bits=4)   # doctest: +SKIP
+    >>> print(cm.report())                                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+
+from . import ir
+from .errors import InputError
+from .ops import LowbitConv, LowbitLinear, _LowbitBase
+
+REPORT_COLUMNS = ("node", "module", "op", "weight", "format", "decided_by", "bytes", "fp32_bytes", "sqnr_db",
+                  "backend")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def node_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """One row per weight-carrying node (quantized or left in float), from node.meta."""
+    rows = []
+    for node in gm.graph.nodes:
+        op = weight = None
+        module = None
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), _LowbitBase):
+            op = "linear" if isinstance(module, LowbitLinear) else f"conv{module.dims}d"
+            n_out, k = module.codes.shape
+            weight = f"{k}->{n_out}"
+            nbytes = module.qweight.nbytes() + (0 if module.bias is None else module.bias.numel() * 4)
+            params = module.codes.numel()
+            backend = module.backend
+        elif ir.is_quantizable(node):
+            w = ir.node_weight(gm, node)
+            op = node.target.__name__.split(".")[0]
+            weight = f"{math.prod(w.shape[1:])}->{w.shape[0]}"
+            params = w.numel()
+            bias = node.args[2] if len(node.args) > 2 else None
+            nbytes = w.numel() * w.element_size() + (
+                ir.get_attr_value(gm, bias.target).numel() * 4 if isinstance(bias, fx.Node) else 0)
+            backend = "torch"
+        else:
+            continue
+        decision = node.meta.get(ir.DECISION)
+        stats = node.meta.get(ir.QUANT_STATS, {})
+        rows.append({
+            "node": node.name, "module": node.meta.get(ir.MODULE, ""), "op": op, "weight": weight,
+            "format": decision.label() if decision else "float",
+            "bits": decision.weight_bits if decision and decision.weight_bits else 32,
+            "decided_by": decision.decided_by if decision else "",
+            "bytes": nbytes, "fp32_bytes": stats.get("fp32_bytes", nbytes),
+            "params": params, "sqnr_db": stats.get("sqnr_db"), "backend": backend,
+        })
+    return rows
+
+
+def summarize(rows: list[dict], total_bytes: int, fp32_total: int) -> dict[str, Any]:
+    params = sum(r["params"] for r in rows)
+    avg_bits = sum(r["bits"] * r["params"] for r in rows) / params if params else 32.0
+    return {"weight_nodes": len(rows), "avg_weight_bits": avg_bits, "model_bytes": total_bytes,
+            "fp32_bytes": fp32_total, "compression": fp32_total / total_bytes if total_bytes else float("nan")}
+
+
+def render_report(rows: list[dict], summary: dict, timings=None) -> str:
+    body = [[r["node"], r["module"], r["op"], r["weight"], r["format"], r["decided_by"], _fmt_bytes(r["bytes"]),
+             _fmt_bytes(r["fp32_bytes"]), "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}", r["backend"]]
+            for r in rows]
+    text = tabulate(body, headers=list(REPORT_COLUMNS), tablefmt="simple")
+    text += (f"\n\nmodel bytes {_fmt_bytes(summary['model_bytes'])} (fp32 {_fmt_bytes(summary['fp32_bytes'])}, "
+             f"{summary['compression']:.2f}x smaller); average weight bits {summary['avg_weight_bits']:.2f} "
+             f"over {summary['weight_nodes']} weight nodes")
+    if timings:
+        text += "\n\n" + tabulate([[t.name, f"{t.seconds * 1e3:.1f}", "yes" if t.changed else "", t.message]
+                                   for t in timings], headers=["pass", "ms", "changed", "result"], tablefmt="simple")
+    return text
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer, with lowered weights at their packed size."""
+    total = 0
+    for mod in module.modules():
+        if isinstance(mod, _LowbitBase):
+            total += mod.qweight.nbytes() + (0 if mod.bias is None else mod.bias.numel() * 4)
+            continue
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and t.is_floating_point():
+                total += t.numel() * t.element_size()
+    return total
+
+
+class CompiledModule(nn.Module):
+    """The compiled model: call it like the original; `.graph_module`, `.report()`, `.report_rows()`."""
+
+    def __init__(self, gm: fx.GraphModule, pipeline: str, timings=None, config=None, signature=None,
+                 name: str = "", fp32_bytes: int | None = None):
+        super().__init__()
+        self.graph_module = gm
+        self.pipeline = pipeline
+        self.timings = list(timings or [])
+        self.config = dict(config or {})
+        self.name = name
+        self._signature = signature
+        if signature is not None:
+            self.__signature__ = signature
+        self.fp32_bytes = fp32_bytes if fp32_bytes is not None else tensor_bytes(gm)
+
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            if self._signature is None:
+                raise TypeError("this compiled module takes positional arguments only")
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args, kwargs = tuple(bound.arguments.values()), {}
+        try:
+            return self.graph_module(*args)
+        except AssertionError as exc:
+            if "Guard failed" not in str(exc):
+                raise
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            raise InputError(f"inputs of shapes ({shapes}) break an assumption the captured graph was "
+                             f"specialised to ({str(exc).replace('Guard failed: ', '')}); torch.export fixed "
+                             f"that size while tracing. Compile with example inputs of the size you run, or "
+                             f"compile once per size") from None
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        return node_rows(self.graph_module)
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.report_rows(), tensor_bytes(self.graph_module), self.fp32_bytes)
+
+    def report(self, passes: bool = False) -> str:
+        """Per-node table (format, who decided, bytes, SQNR, backend) and a summary line."""
+        title = f"fxquant report{f' for {self.name}' if self.name else ''} (pipeline: {self.pipeline})\n"
+        return title + render_report(self.report_rows(), self.summary(), self.timings if passes else None)
+
+    @property
+    def code(self) -> str:
+        """The generated Python forward of the lowered graph."""
+        return self.graph_module.code
+
+
+class CompiledSubmodules(nn.Module):
+    """A model whose chosen submodules were compiled separately; its own forward/loops are unchanged."""
+
+    def __init__(self, model: nn.Module, compiled: dict[str, CompiledModule], fp32_bytes: int):
+        super().__init__()
+        self.model = model
+        self.fp32_bytes = fp32_bytes
+        self.compiled_names = list(compiled)
+        try:
+            self.__signature__ = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            pass
+
+    @property
+    def compiled(self) -> dict[str, CompiledModule]:
+        return {n: self.model.get_submodule(n) for n in self.compiled_names}
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        return [dict(r, node=f"{n}:{r['node']}") for n, cm in self.compiled.items() for r in cm.report_rows()]
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.report_rows(), tensor_bytes(self.model), self.fp32_bytes)
+
+    def report(self, passes: bool = False) -> str:
+        return "\n\n".join(cm.report(passes) for cm in self.compiled.values()) + \
+            "\n\nwhole model: " + render_report([], self.summary()).split("\n\n")[-1]

@@ -1,0 +1,29 @@
+"""Shared fixtures: seeded RNG, the ../shared locator, small models used by several tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """../shared beside the repo (or $FXQUANT_SHARED); None when absent."""
+    path = Path(os.environ.get("FXQUANT_SHARED", REPO.parent / "shared"))
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared() -> Path:
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared (data and pretrained weights) is not present beside the repository")
+    return path
