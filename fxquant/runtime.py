@@ -147,6 +147,12 @@ class CompiledModule(nn.Module):
         title = f"fxquant report{f' for {self.name}' if self.name else ''} (pipeline: {self.pipeline})\n"
         return title + render_report(self.report_rows(), self.summary(), self.timings if passes else None)
 
+    def save(self, directory) -> "Path":
+        """Write a self-contained artifact (no pickle); reload it with fxquant.load(directory)."""
+        from .artifact import save
+
+        return save(self, directory)
+
     @property
     def code(self) -> str:
         """The generated Python forward of the lowered graph."""
