@@ -117,9 +117,11 @@ def _check_options(bits, avg_bits, budget_bytes, scheme, rules, target, options)
 
 
 def _check_finite_weights(model: nn.Module) -> None:
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
+    tensors = [(n, t, torch.isfinite) for n, t in model.named_parameters()] + \
+              [(n, t, lambda v: ~torch.isnan(v)) for n, t in model.named_buffers()]  # buffers may hold -inf masks
+    for name, t, ok in tensors:
+        if t.is_floating_point() and t.numel() and not ok(t).all():
+            bad = int((~ok(t)).sum())
             raise ConfigError(f"{name} has {bad} NaN/Inf values; fix or re-train the model before compiling "
                               f"(quantization scales would be undefined)")
 

@@ -72,6 +72,41 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .datasets import shared_dir
+    from .errors import ConfigError
+    from .evaluate import evaluate_digits, evaluate_keywords, render
+
+    if shared_dir() is None:
+        raise ConfigError("fxquant eval needs ../shared (FSDD recordings) beside the repository, or "
+                          "FXQUANT_SHARED pointing at it")
+    variants = args.variants.split(",")
+    if args.model == "digits":
+        rows = evaluate_digits(args.n, variants, target=args.target)
+        title = f"digit recognizer, {args.n} connected-digit strings from FSDD test takes"
+    elif args.model == "bcresnet":
+        rows = evaluate_keywords(variants, args.split, target=args.target)
+        title = f"BC-ResNet keyword accuracy on FSDD ({args.split} clips)"
+    else:
+        raise ConfigError(f"fxquant eval knows 'digits' and 'bcresnet', not {args.model!r}")
+    print(render(rows, title))
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    import fxquant
+    from .audio import load_wav, resample
+    from .models import digits as dg
+
+    model = fxquant.load(args.artifact) if args.artifact else dg.load_digits_model()
+    config = dg.load_digits_model().config if args.artifact else model.config
+    for path in args.audio:
+        wave, sr = load_wav(path)
+        wave = resample(wave, sr, 16000) if sr != 16000 else wave
+        print(f"{path}: {' '.join(dg.transcribe(model, wave, config)) or '(nothing recognised)'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -97,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_dump)
     p = sub.add_parser("passes", help="list registered passes (built-in and plugins)")
     p.set_defaults(fn=cmd_passes)
+    p = sub.add_parser("eval", help="word error rate / keyword accuracy of fp32, torch int8 and fxquant variants")
+    p.add_argument("model", choices=("digits", "bcresnet"))
+    p.add_argument("--n", type=int, default=300, help="digit strings to evaluate (digits)")
+    p.add_argument("--split", default="all", choices=("all", "test", "train"), help="FSDD clips (bcresnet)")
+    p.add_argument("--variants", default="fp32,torch-int8,W8A8,W4,mixed-4.0,mixed-3.0,mixed-2.5")
+    p.add_argument("--target", default="native")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("transcribe", help="transcribe digit strings from WAV files with the digit recognizer")
+    p.add_argument("audio", nargs="+", help="WAV files (16-bit PCM, any sample rate)")
+    p.add_argument("--artifact", help="a compiled artifact directory (default: the fp32 model)")
+    p.set_defaults(fn=cmd_transcribe)
     p = sub.add_parser("demo", help="compile the digit recognizer at several budgets and transcribe speech")
     p.add_argument("--quick", action="store_true", help="fewer test strings")
     p.set_defaults(fn=cmd_demo)
