@@ -111,9 +111,14 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "auto") -> fx
 
 
 def _dynamic_spec(example_inputs: tuple) -> tuple:
+    """Let export keep batch (dim 0) and the axes where speech models put time (dim 1 or the last) dynamic.
+
+    Dim.AUTO specialises an axis the model fixes (channels, features). Marking every axis AUTO costs
+    much more tracing time (BC-ResNet: 34 s instead of 5 s), so middle axes stay static.
+    """
     dim = torch.export.Dim.AUTO
-    return tuple({i: dim for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
-                 for a in example_inputs)
+    return tuple({i: dim for i in sorted({0, 1, a.dim() - 1}) if i < a.dim()} if isinstance(a, torch.Tensor)
+                 and a.dim() else None for a in example_inputs)
 
 
 def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:

@@ -1,0 +1,58 @@
+"""The fxquant command line: subcommands, exit codes, errors on stderr."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+import fxquant
+from fxquant.cli import main
+
+
+def test_console_script_help():
+    exe = shutil.which("fxquant")
+    assert exe, "the fxquant console script is not installed (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("compile", "report", "dump", "passes", "eval", "transcribe", "demo"):
+        assert command in out
+
+
+def test_passes_lists_builtins(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cleanup", "fold-bn", "const-fold", "propagate-shapes", "assign-precision", "codegen"):
+        assert name in out
+
+
+def test_dump_after_a_pass(capsys):
+    assert main(["dump", "kws-cnn", "--after", "fold-bn", "--passes", "cleanup,fold-bn,propagate-shapes"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2d" in out and "fc1" in out and "fold-bn" not in out.split("\n")[0]
+    assert "shape" in out.split("\n")[0]
+
+
+def test_compile_prints_report_and_saves(tmp_path, capsys):
+    out_dir = tmp_path / "art"
+    assert main(["compile", "kws-cnn", "--bits", "8", "--target", "reference", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "W8 uniform/channel A8" in out and "bits=8" in out and f"saved to {out_dir}" in out
+    assert fxquant.load(out_dir).report_rows()[0]["format"].startswith("W8")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["dump", "nope:factory"], "cannot load factory 'nope:factory'"),
+    (["dump", "kws-cnn", "--after", "quantize", "--passes", "cleanup"], "--after 'quantize' is not in the pipeline"),
+    (["compile", "kws-cnn", "--passes", "cleanup,fold-bnn"], "unknown pass 'fold-bnn'"),
+    (["compile", "mystery"], "unknown model 'mystery'"),
+])
+def test_errors_go_to_stderr_with_exit_code_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxquant: error:") and needle in err
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["compile", "kws-cnn", "--bits", "5"])
+    assert info.value.code == 2
