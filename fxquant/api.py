@@ -27,7 +27,7 @@ from .pipeline import Pipeline
 from .registry import PassContext
 from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes
 
-HYGIENE = "cleanup,fold-bn,const-fold,propagate-shapes"
+HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
 QUANTIZE = "calibrate,sensitivity,assign-precision,quantize,lower"
 VALID_BITS = (8, 4, 3, 2)
 SCHEMES = ("uniform", "codebook", "auto")

@@ -1,7 +1,9 @@
 """const-fold: evaluate nodes that depend only on parameters/buffers once, at compile time.
 
 Folded results become buffers read by get_attr. Results larger than `max_growth` times their
-inputs (expand/repeat of a table, say) are left alone, since folding them would cost memory.
+inputs (expand/repeat of a table, say) are left alone, since folding them would cost memory, and so
+are pure views of parameters (t, transpose, reshape...): they cost nothing at run time, and a folded
+copy would duplicate the weight (the linearize pass turns matmul(x, W.t()) into linear(x, W) instead).
 
 Example:
     const-fold{max_growth=1.0}
@@ -16,6 +18,13 @@ import torch.fx as fx
 from fxquant import ir
 from fxquant.graphutil import drop_unused_attributes, insert_get_attr, is_pure, remove_dead_nodes, set_constant
 from fxquant.registry import PassResult, register_pass
+
+
+aten = torch.ops.aten
+# layout-only ops are free at run time (views); materialising them would copy whole weights
+VIEW_OPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+            aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.slice.Tensor,
+            aten.select.int, aten.alias.default, aten.detach.default, aten._unsafe_view.default}
 
 
 @dataclass
@@ -42,7 +51,8 @@ def const_fold(gm, ctx) -> PassResult:
                 values[node] = node.target(*args, **kwargs)
     folded, skipped = 0, 0
     for node, result in list(values.items()):  # materialise only the frontier the runtime graph reads
-        if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users):
+        if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users) \
+                or node.target in VIEW_OPS:
             continue
         in_numel = sum(v.numel() for n in node.all_input_nodes if isinstance(v := values[n], torch.Tensor))
         if result.numel() > opts.max_growth * max(in_numel, 1):
