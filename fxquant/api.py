@@ -80,7 +80,8 @@ def _compile_graph(model, example_inputs, calibration, pipeline, config, dump_di
     with eval_mode(model):
         gm = pm.run(gm, ctx)
     return CompiledModule(gm, pipeline=str(pipeline), timings=pm.timings, config=config,
-                          signature=_signature(model), name=name, fp32_bytes=tensor_bytes(model))
+                          signature=_signature(model), name=name, fp32_bytes=tensor_bytes(model),
+                          example_inputs=example_inputs)
 
 
 def _signature(model: nn.Module):

@@ -106,9 +106,10 @@ class CompiledModule(nn.Module):
     """The compiled model: call it like the original; `.graph_module`, `.report()`, `.report_rows()`."""
 
     def __init__(self, gm: fx.GraphModule, pipeline: str, timings=None, config=None, signature=None,
-                 name: str = "", fp32_bytes: int | None = None):
+                 name: str = "", fp32_bytes: int | None = None, example_inputs: tuple | None = None):
         super().__init__()
         self.graph_module = gm
+        self.example_inputs = example_inputs
         self.pipeline = pipeline
         self.timings = list(timings or [])
         self.config = dict(config or {})
@@ -142,10 +143,23 @@ class CompiledModule(nn.Module):
     def summary(self) -> dict[str, Any]:
         return summarize(self.report_rows(), tensor_bytes(self.graph_module), self.fp32_bytes)
 
-    def report(self, passes: bool = False) -> str:
-        """Per-node table (format, who decided, bytes, SQNR, backend) and a summary line."""
+    def report(self, passes: bool = False, profile: bool = False, inputs: tuple | None = None) -> str:
+        """Per-node table (format, who decided, bytes, SQNR, backend) and a summary line.
+
+        passes=True adds per-pass compile times; profile=True times every node on `inputs`
+        (default: the example inputs given at compile time) and splits the forward time into
+        low-bit kernels, other torch ops and glue.
+        """
         title = f"fxquant report{f' for {self.name}' if self.name else ''} (pipeline: {self.pipeline})\n"
-        return title + render_report(self.report_rows(), self.summary(), self.timings if passes else None)
+        text = title + render_report(self.report_rows(), self.summary(), self.timings if passes else None)
+        if profile:
+            from .profiling import profile as run_profile, render_profile
+
+            inputs = inputs if inputs is not None else self.example_inputs
+            if inputs is None:
+                raise TypeError("report(profile=True) needs inputs=(...) for a module loaded from an artifact")
+            text += "\n\n" + render_profile(run_profile(self.graph_module, tuple(inputs)))
+        return text
 
     def save(self, directory) -> "Path":
         """Write a self-contained artifact (no pickle); reload it with fxquant.load(directory)."""
