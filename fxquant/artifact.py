@@ -34,7 +34,9 @@ from torch.utils import _pytree as pytree
 
 from . import __version__, ir
 from .errors import ArtifactError
-from .ops import _LowbitBase
+from .ops import LowbitEmbedding, _LowbitBase
+
+LOWERED_OPS = (_LowbitBase, LowbitEmbedding)
 
 FORMAT = "fxquant-artifact"
 FORMAT_VERSION = 1
@@ -185,7 +187,7 @@ def _graph_entries(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tupl
             if node.target == "_guards_fn":
                 continue  # torch.export's shape guards: generated code, rebuilt as input checks on load
             mod = gm.get_submodule(node.target)
-            if not isinstance(mod, _LowbitBase):
+            if not isinstance(mod, LOWERED_OPS):
                 raise ArtifactError(f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
                                     f"fxquant's lowered ops")
             buffers = {}
@@ -225,9 +227,14 @@ def save(cm, directory: str | os.PathLike) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        table, offset = {}, 0
+        table, offset, seen = {}, 0, {}
         with open(tmp / "weights.bin", "wb") as blob:
             for name, t in tensors.items():
+                key = (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride()))
+                if key in seen:  # shared by two modules (tied embedding + projection): stored once
+                    table[name] = {"alias": seen[key]}
+                    continue
+                seen[key] = name
                 bits = code_bits.get(name)
                 if bits is not None:
                     data = pack_codes(t, bits)
@@ -305,6 +312,11 @@ def _load_tensors(directory: Path, table: dict) -> dict[str, torch.Tensor]:
     blob = (directory / "weights.bin").read_bytes()
     out = {}
     for name, spec in table.items():
+        if "alias" in spec:
+            if spec["alias"] not in out:
+                raise ArtifactError(f"tensor {name!r} aliases {spec['alias']!r}, which is not stored before it")
+            out[name] = out[spec["alias"]]
+            continue
         dtype, shape = _dtype(spec["dtype"]), spec["shape"]
         numel = 1
         for d in shape:
@@ -345,7 +357,7 @@ def _build_module(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> nn
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError):
         raise ArtifactError(f"module {name!r}: class {cls_path!r} does not exist in this fxquant") from None
-    if not (isinstance(cls, type) and issubclass(cls, _LowbitBase)):
+    if not (isinstance(cls, type) and issubclass(cls, LOWERED_OPS)):
         raise ArtifactError(f"module {name!r}: {cls_path!r} is not a lowered fxquant op")
     mod = cls.__new__(cls)
     nn.Module.__init__(mod)

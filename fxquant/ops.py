@@ -115,3 +115,39 @@ class LowbitConv(_LowbitBase):
         y = apply_epilogue(y, self.epilogue).transpose(1, 2)
         y = y.reshape(n, -1, oh, ow) if self.dims == 2 else y.reshape(n, -1, ow)
         return y.to(x.dtype)
+
+
+class LowbitEmbedding(nn.Module):
+    """Embedding lookup into a quantized table: row t of W_hat for every token t.
+
+    Used for tied tables (Whisper's token embedding doubles as the logits projection): the lookup
+    shares the packed codes, tables and scales of the projection's LowbitLinear, so the float table
+    is no longer needed.
+    """
+
+    def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None):
+        super().__init__()
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.scheme, self.granularity = qw.scheme, qw.granularity
+        self.register_buffer("codes", qw.codes)
+        self.register_buffer("table", qw.table)
+        self.register_buffer("table_index", qw.table_index)
+        self.register_buffer("scales", qw.scales)
+        self.padding_idx = padding_idx
+        self.backend = "reference"
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.bits, self.codes, self.table, self.table_index, self.scales,
+                               self.group_size, self.scheme, self.granularity)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        k = self.codes.shape[1]
+        codes = self.codes[tokens].long()                                   # [..., K]
+        tabs = self.table_index[tokens].long().repeat_interleave(self.group_size, -1)[..., :k]
+        scales = self.scales[tokens].repeat_interleave(self.group_size, -1)[..., :k]
+        return self.table[tabs, codes].float() * scales
+
+    def extra_repr(self) -> str:
+        n, k = self.codes.shape
+        return f"{n} x {k}, bits={self.bits}, {self.scheme}/{self.granularity}, group={self.group_size}"

@@ -90,14 +90,23 @@ def render_report(rows: list[dict], summary: dict, timings=None) -> str:
 
 
 def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer, with lowered weights at their packed size."""
-    total = 0
+    """Bytes of every parameter and buffer, with lowered weights at their packed size.
+
+    Storage shared by several modules (a tied embedding lookup and its projection) counts once.
+    """
+    total, seen = 0, set()
     for mod in module.modules():
-        if isinstance(mod, _LowbitBase):
-            total += mod.qweight.nbytes() + (0 if mod.bias is None else mod.bias.numel() * 4)
+        if hasattr(mod, "qweight") and hasattr(mod, "codes"):
+            key = mod.codes.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += mod.qweight.nbytes()
+            if getattr(mod, "bias", None) is not None:
+                total += mod.bias.numel() * 4
             continue
         for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is not None and t.is_floating_point():
+            if t is not None and t.is_floating_point() and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
                 total += t.numel() * t.element_size()
     return total
 
