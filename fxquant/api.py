@@ -40,6 +40,10 @@ EXTRA_OPTIONS = {
     "progress": "show progress bars (default: when stderr is a terminal)",
     "fallback": "run the reference path with a warning when no C compiler is available",
     "max_calibration": "use at most this many calibration inputs (default 64)",
+    "act_mode": "'dynamic' (per-token int8, default) or 'static' (calibrated per-tensor int8)",
+    "symmetric": "symmetric uniform weights (default True); False = asymmetric with zero points",
+    "depthwise_bits": "bits for depthwise convs (default 8; None lets the budget decide)",
+    "tie_siblings": "give q/k/v-style sibling linears one decision (default True)",
 }
 
 

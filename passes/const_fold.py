@@ -51,8 +51,10 @@ def const_fold(gm, ctx) -> PassResult:
                 values[node] = node.target(*args, **kwargs)
     folded, skipped = 0, 0
     for node, result in list(values.items()):  # materialise only the frontier the runtime graph reads
-        if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users) \
-                or node.target in VIEW_OPS:
+        if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users):
+            continue
+        if node.target in VIEW_OPS:
+            ir.add_provenance(node, "const-fold", "not folded: a free view of parameters (folding would copy them)")
             continue
         in_numel = sum(v.numel() for n in node.all_input_nodes if isinstance(v := values[n], torch.Tensor))
         if result.numel() > opts.max_growth * max(in_numel, 1):

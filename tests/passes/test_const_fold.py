@@ -19,8 +19,9 @@ class PosEmbed(nn.Module):
 
     def forward(self, x):
         p = self.pos.t().t() * self.scale + 1.0   # constant subexpression
-        big = self.table.expand(6, 4)              # folding would grow memory 6x
-        return x + p + big
+        big = self.table.repeat(6, 1)              # folding would grow memory 6x
+        view = self.table.expand(6, 4)             # a free view: never copied
+        return x + p + big + view
 
 
 def test_folds_only_the_constant_frontier():
@@ -29,14 +30,15 @@ def test_folds_only_the_constant_frontier():
     consts = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_fxq_const_")]
     assert len(consts) == 1                      # t, t, mul, add folded into one tensor
     assert aten.t.default not in targets(gm) and aten.mul.Tensor not in targets(gm)
-    assert aten.expand.default in targets(gm)    # left alone: growth
-    expand = next(n for n in gm.graph.nodes if n.target is aten.expand.default)
-    assert any("not folded: result has 24 elements, inputs 4" in p for p in expand.meta[ir.PROVENANCE])
+    repeat = next(n for n in gm.graph.nodes if n.target is aten.repeat.default)   # left alone: growth
+    assert any("not folded: result has 24 elements, inputs 4" in p for p in repeat.meta[ir.PROVENANCE])
+    expand = next(n for n in gm.graph.nodes if n.target is aten.expand.default)   # left alone: view
+    assert any("free view of parameters" in p for p in expand.meta[ir.PROVENANCE])
     torch.testing.assert_close(gm(x), model(x))
 
 
 def test_growth_option_allows_folding():
     model, x = PosEmbed(), torch.randn(2, 6, 4)
     gm = run(model, (x,), "const-fold{max_growth=100}")
-    assert aten.expand.default not in targets(gm)
+    assert aten.repeat.default not in targets(gm) and aten.expand.default in targets(gm)
     torch.testing.assert_close(gm(x), model(x))

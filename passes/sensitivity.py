@@ -1,0 +1,160 @@
+"""sensitivity (analysis): per tie group and candidate format, the model-output error when only that
+group's weights take the candidate (round-to-nearest, weighted by calibration diag(H)).
+
+Runs only when compile options ask for a budget (avg_bits or budget_bytes); otherwise a no-op.
+Writes meta[ir.SENSITIVITY] = {decision label: error} on every member of each measured group.
+Error metric (option `metric`): "mse" = ||y - y_fp32||^2 / ||y_fp32||^2 over all outputs,
+"kl" = mean KL(softmax(y_fp32) || softmax(y)) over the last dim, "auto" (default) = "kl" when the
+model's single output looks like log-probabilities (logsumexp == 0 along the last dim), else "mse".
+
+Example:
+    >>> import torch, fxquant.tracing as c
+    >>> from fxquant.registry import PassContext
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> gm = c.capture(m, (torch.randn(4, 8),))
+    >>> ctx = PassContext(example_inputs=(torch.randn(4, 8),), config={"avg_bits": 4},
+    ...                   options=SensitivityOptions())
+    >>> _ = sensitivity(gm, ctx)
+    >>> sorted(next(n for n in gm.graph.nodes if n.op == "call_function").meta["fxq_sensitivity"])[:2]
+    ['W2 codebook/channel A8', 'W2 uniform/channel A8']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxquant import ir
+from fxquant.formats import quantize_weight
+from fxquant.qweight import dequantize
+from fxquant.quantizers import nodes as qn
+from fxquant.registry import PassResult, register_pass
+from fxquant.sensitivity import budget_mode, plan
+
+from fxquant.progress import Progress
+
+from .calibrate import calibration_batches
+
+METRICS = ("auto", "mse", "kl")
+
+
+@dataclass
+class SensitivityOptions:
+    metric: str = "auto"      # "auto" | "mse" | "kl"
+    max_batches: int = 4      # calibration items used per measurement
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float()]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+def output_error(ref: list[torch.Tensor], out: list[torch.Tensor], metric: str) -> float:
+    if metric == "kl":
+        total = 0.0
+        for r, o in zip(ref, out):
+            lp_r, lp_o = F.log_softmax(r, -1), F.log_softmax(o, -1)
+            total += (lp_r.exp() * (lp_r - lp_o)).sum(-1).mean().item()
+        return total / max(len(ref), 1)
+    num = sum((r - o).double().pow(2).sum().item() for r, o in zip(ref, out))
+    den = sum(r.double().pow(2).sum().item() for r in ref)
+    return num / max(den, 1e-30)
+
+
+def resolve_metric(metric: str, ref: list[torch.Tensor]) -> str:
+    if metric not in METRICS:
+        from fxquant.errors import ConfigError
+        raise ConfigError(f"sensitivity option metric must be one of {METRICS}, got {metric!r}")
+    if metric != "auto":
+        return metric
+    if len(ref) == 1 and ref[0].dim() >= 1 and ref[0].shape[-1] > 1:
+        lse = torch.logsumexp(ref[0], -1)
+        if lse.abs().max().item() < 1e-3:
+            return "kl"
+    return "mse"
+
+
+class _Replay(fx.Interpreter):
+    """Runs the graph keeping every value (no garbage collection), so later runs can start mid-graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+
+
+def downstream(members: list[fx.Node]) -> set[fx.Node]:
+    """The members and every node that (transitively) uses their outputs."""
+    seen, stack = set(), list(members)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
+def run_with_weights(gm: fx.GraphModule, batch: tuple, ref_env: dict, members: list[fx.Node],
+                     new: list[torch.Tensor]):
+    """Model output with the members' weights replaced, recomputing only what depends on them.
+
+    Nothing is written to the module: the candidate weights enter through the interpreter's
+    environment, so the parameters (which the user's model may share) are never touched.
+    """
+    dirty = downstream(members)
+    env = {n: v for n, v in ref_env.items() if n not in dirty}
+    for node, w in zip(members, new):
+        env[node.args[1]] = w.view_as(ref_env[node.args[1]])
+    return _Replay(gm).run(*batch, initial_env=env)
+
+
+def fake_quant(gm: fx.GraphModule, node: fx.Node, decision: ir.QuantDecision) -> torch.Tensor:
+    """Dequantized weight of a node in a decision's format (round-to-nearest, calibrated diag(H))."""
+    w = ir.node_weight(gm, node)
+    stats = node.meta.get(ir.ACT_STATS) or {}
+    qw = quantize_weight(w, decision.weight_bits, decision.scheme, decision.granularity, decision.group_size,
+                         decision.symmetric, hdiag=stats.get("hdiag"), where=qn.describe(node))
+    return dequantize(qw).view_as(w)
+
+
+@register_pass("sensitivity", options=SensitivityOptions, kind="analysis")
+def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
+    """Measure each candidate format's output error per tie group (only under avg_bits / budget_bytes)."""
+    opts = ctx.options or SensitivityOptions()
+    config = ctx.config or {}
+    mode, _, _ = budget_mode(config)
+    if mode is None:
+        return PassResult(changed=False, message="skipped: no avg_bits / budget_bytes budget")
+    groups = [g for g in plan(gm, config) if g.pinned is None]
+    batches = calibration_batches(ctx, opts.max_batches)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    with torch.no_grad():
+        envs, refs = [], []
+        for b in batches:
+            replay = _Replay(gm)
+            refs.append(_tensors(replay.run(*b)))
+            envs.append(replay.env)
+        metric = resolve_metric(opts.metric, refs[0])
+        total = sum(len(g.candidates) for g in groups)
+        bar = Progress("sensitivity", total, bool(ctx.progress))
+        done = 0
+        for grp in groups:
+            members = [by_name[n] for n in grp.names]
+            result = {}
+            for cand in grp.candidates:
+                new = [fake_quant(gm, m, cand) for m in members]
+                errs = [output_error(r, _tensors(run_with_weights(gm, b, env, members, new)), metric)
+                        for r, b, env in zip(refs, batches, envs)]
+                result[cand.label()] = sum(errs) / len(errs)
+                done += 1
+                bar.step(done)
+            for m in members:
+                m.meta[ir.SENSITIVITY] = dict(result)
+    ctx.state["sensitivity_metric"] = metric
+    return PassResult(changed=False, message=f"{len(groups)} groups x candidates measured ({metric}) "
+                                             f"on {len(batches)} batches")
