@@ -1,11 +1,13 @@
 """Named model factories for the CLI and examples: each returns (model, example_inputs).
 
+Example inputs use batch 2: torch.export fixes axes of size 1, so a batch-1 example would pin the batch.
+
 `module.path:callable` works wherever a zoo name does, as long as the callable returns the same pair.
 
 Example:
     >>> model, inputs = load_factory("kws-cnn")
     >>> model(*inputs).shape
-    torch.Size([1, 10])
+    torch.Size([2, 10])
 """
 from __future__ import annotations
 
@@ -34,20 +36,20 @@ class KeywordCNN(nn.Module):
 
 def kws_cnn() -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
-    return KeywordCNN().eval(), (torch.randn(1, 1, 10, 10),)
+    return KeywordCNN().eval(), (torch.randn(2, 1, 10, 10),)
 
 
 def bcresnet() -> tuple[nn.Module, tuple]:
     from .models.bcresnet import load_bcresnet
 
-    return load_bcresnet(), (torch.randn(1, 1, 40, 32),)
+    return load_bcresnet(), (torch.randn(2, 1, 40, 32),)
 
 
 def digits() -> tuple[nn.Module, tuple]:
     from .models import digits as d
 
     model = d.load_digits_model()
-    return model, (torch.randn(1, model.n_mels if hasattr(model, "n_mels") else 64, 200),)
+    return model, (torch.randn(2, model.config.n_mels, 200),)
 
 
 ZOO: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
