@@ -1,0 +1,205 @@
+"""Compiled kernels as Python callables, and `compile_op` which builds one for a lowered op.
+
+Example:
+    >>> import torch
+    >>> from fxquant.ops import LowbitLinear
+    >>> from fxquant.qweight import QuantizedWeight
+    >>> op = LowbitLinear(QuantizedWeight.uniform_symmetric(torch.randn(13, 70), 4, 32), bias=None)
+    >>> k = compile_op(op, target="portable")                        # doctest: +SKIP
+    >>> x = torch.randn(3, 70)
+    >>> torch.allclose(k(x), op.reference(x), rtol=1e-5, atol=1e-5)  # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.ops import LowbitConv, LowbitLinear
+from fxquant.qweight import dequantize
+
+from .build import build_library
+from .packing import Packed, analyze_tables, pack_avx512, pack_portable
+from .render import LITERAL_MAX_BYTES, UnsupportedOp, render_conv_grouped, render_linear
+from .targets import Target, resolve_target
+
+_VP, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Kernel:
+    """Common state: name, target, C source, and a guard for targets the host cannot run."""
+
+    def __init__(self, name: str, target: Target, source: str):
+        self.name, self.target, self.source = name, target, source
+        self.runnable = target.runnable()
+
+    def _check(self) -> None:
+        if not self.runnable:
+            raise RuntimeError(f"kernel {self.name} targets {self.target.name!r}, which this CPU cannot run "
+                               f"(needs {', '.join(self.target.required)}); compile with target='native'")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def __deepcopy__(self, memo) -> "_Kernel":
+        return self  # immutable: copies of a module may share its compiled kernel
+
+    def __reduce__(self):
+        raise TypeError(f"compiled kernel {self.name} cannot be pickled; save the model without kernels "
+                        "(attach_kernels(gm, target='reference')) and re-attach them after loading")
+
+
+class LinearKernel(_Kernel):
+    """y = kernel(x) for x [..., K] (any float dtype); output keeps x's dtype."""
+
+    def __init__(self, name: str, target: Target, source: str, lib: ctypes.CDLL, n: int, k: int,
+                 packed: Packed, bias: torch.Tensor | None, act_scale: torch.Tensor | None = None):
+        super().__init__(name, target, source)
+        self.n, self.k, self.lib, self.packed, self.bias = n, k, lib, packed, bias
+        self.act_scale = act_scale  # static (calibrated) activation scale; None = dynamic per row
+        self.supports_static_act = act_scale is not None
+        self._fn = lib.fx_linear
+        self._fn.argtypes = [_VP, _I64, _VP, _INT, _VP]
+        self._fn.restype = None
+        # self.packed / self.bias keep the blobs alive: the C side only receives this pointer array
+        self._blobs = (_VP * 7)(*[_ptr(t) for t in packed.tensors()], _ptr(bias), _ptr(act_scale))
+        self._blobs_ptr = ctypes.addressof(self._blobs)
+
+    def with_weights(self, packed: Packed) -> "LinearKernel":
+        """Same compiled code, other packed weights of the same layout (e.g. benchmark copies)."""
+        return LinearKernel(self.name, self.target, self.source, self.lib, self.n, self.k, packed, self.bias,
+                            self.act_scale)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.packed.tensors() if t is not None)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: optional preallocated contiguous fp32 [M, N] (saves an allocation per call)."""
+        if not self.runnable:
+            self._check()
+        shape = x.shape
+        if shape[-1] != self.k:
+            raise ValueError(f"{self.name}: expected last dim {self.k}, got input of shape {tuple(shape)}")
+        x2 = x if len(shape) == 2 else x.reshape(-1, self.k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        m = x2.shape[0]
+        if out is None:
+            y = torch.empty((m, self.n), dtype=torch.float32)
+        elif out.shape != (m, self.n) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"{self.name}: out must be a contiguous float32 [{m}, {self.n}] tensor")
+        else:
+            y = out
+        self._fn(x2.data_ptr(), m, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr)
+        if len(shape) != 2:
+            y = y.view(*shape[:-1], self.n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class Im2colConvKernel(_Kernel):
+    """groups=1 conv: im2col in torch (same unfold as the reference), then the linear kernel."""
+
+    def __init__(self, op: LowbitConv, linear: LinearKernel):
+        super().__init__(linear.name.replace("linear_", "conv_im2col_", 1), linear.target, linear.source)
+        self.op, self.linear = op, linear
+        self.supports_static_act = linear.supports_static_act
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.op
+        if op.dims == 2:
+            x4, ks = x, op.weight_shape[2:]
+            stride, padding, dilation = tuple(op.stride), tuple(op.padding), tuple(op.dilation)
+        else:
+            x4, ks = x.unsqueeze(2), (1, op.weight_shape[2])
+            stride, padding, dilation = (1, op.stride[0]), (0, op.padding[0]), (1, op.dilation[0])
+        b, _, h, w = x4.shape
+        if ks == (1, 1) and stride == (1, 1) and padding == (0, 0):
+            oh, ow = h, w
+            cols = x4.float().flatten(2).transpose(1, 2)
+        else:
+            cols = F.unfold(x4.float(), ks, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+            oh = (h + 2 * padding[0] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
+            ow = (w + 2 * padding[1] - dilation[1] * (ks[1] - 1) - 1) // stride[1] + 1
+        y = self.linear(cols.contiguous()).transpose(1, 2)  # [B, Cout, L]
+        y = y.reshape(b, -1, oh, ow) if op.dims == 2 else y.reshape(b, -1, ow)
+        return y.to(x.dtype)
+
+
+class GroupedConvKernel(_Kernel):
+    """Grouped / depthwise conv with the weight dequantized offline (weight-only semantics)."""
+
+    def __init__(self, name: str, target: Target, source: str, lib: ctypes.CDLL, op: LowbitConv):
+        super().__init__(name, target, source)
+        self.dims = op.dims
+        self._w = dequantize(op.qweight).contiguous()
+        self._b = None if op.bias is None else op.bias.float().contiguous()
+        self._fn = lib.fx_conv
+        self._fn.argtypes = [_VP, _I64, _I64, _I64, _VP, _INT, _VP, _VP]
+        self._fn.restype = None
+        self.cout = op.weight_shape[0]
+        self.out_hw = _out_hw(op)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check()
+        x4 = (x if self.dims == 2 else x.unsqueeze(2)).float().contiguous()
+        b, _, h, w = x4.shape
+        oh, ow = self.out_hw(h, w)
+        y = torch.empty(b, self.cout, oh, ow, dtype=torch.float32)
+        self._fn(x4.data_ptr(), b, h, w, y.data_ptr(), torch.get_num_threads(), self._w.data_ptr(), _ptr(self._b))
+        return (y if self.dims == 2 else y.squeeze(2)).to(x.dtype)
+
+
+def _out_hw(op: LowbitConv) -> Callable[[int, int], tuple[int, int]]:
+    ks = op.weight_shape[2:] if op.dims == 2 else (1, op.weight_shape[2])
+    s = tuple(op.stride) if op.dims == 2 else (1, op.stride[0])
+    p = tuple(op.padding) if op.dims == 2 else (0, op.padding[0])
+    d = tuple(op.dilation) if op.dims == 2 else (1, op.dilation[0])
+    return lambda h, w: ((h + 2 * p[0] - d[0] * (ks[0] - 1) - 1) // s[0] + 1,
+                         (w + 2 * p[1] - d[1] * (ks[1] - 1) - 1) // s[1] + 1)
+
+
+def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKernel:
+    """Render, pack, compile and wrap the linear kernel of a LowbitLinear (or im2col conv) op."""
+    qw = op.qweight
+    family = target.family
+    info = analyze_tables(qw) if family == "avx512" and op.act_bits == 8 else None
+    name, src = render_linear(qw, family, op.bias is not None, op.epilogue, op.act_bits, target.name, info)
+    if family == "avx512" and op.act_bits == 8:
+        packed = pack_avx512(qw, info)
+    else:
+        packed = pack_portable(qw, literal_levels=qw.table.numel() <= LITERAL_MAX_BYTES)
+    lib = build_library(src, name, target.flags, cache_dir)
+    n, k = qw.codes.shape
+    bias = None if op.bias is None else op.bias.float().contiguous()
+    act_scale = None
+    if getattr(op, "act_mode", "dynamic") == "static" and op.act_bits == 8:
+        act_scale = op.act_scale.detach().float().reshape(1).clone()  # calibrated per-tensor int8 scale
+    return LinearKernel(name, target, src, lib, n, k, packed, bias, act_scale)
+
+
+def compile_op(op, target: str | Target = "native", cache_dir: str | None = None) -> Callable:
+    """Build the kernel for a LowbitLinear / LowbitConv; returns a callable x -> y.
+
+    Raises UnsupportedOp when the target has no kernel for the op's format and BuildError when
+    the C compiler is missing or fails.
+    """
+    t = resolve_target(target) if not (isinstance(target, str) and target == "reference") else None
+    if t is None:
+        raise UnsupportedOp("target 'reference' has no compiled kernel: keep op.kernel = None")
+    if isinstance(op, LowbitConv):
+        if op.groups == 1:
+            return Im2colConvKernel(op, build_linear(op, t, cache_dir))
+        name = f"conv_{t.name}_g{op.groups}_w{op.bits}"
+        src = render_conv_grouped(name, op.qweight, op.weight_shape, op.stride, op.padding, op.dilation,
+                                  op.groups, op.bias is not None, op.epilogue)
+        return GroupedConvKernel(name, t, src, build_library(src, name, t.flags, cache_dir), op)
+    if isinstance(op, LowbitLinear):
+        return build_linear(op, t, cache_dir)
+    raise UnsupportedOp(f"compile_op expects a LowbitLinear or LowbitConv, got {type(op).__name__}")

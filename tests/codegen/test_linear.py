@@ -1,0 +1,93 @@
+"""Every linear kernel vs op.reference over shapes, bit widths, table formats, groups, epilogues."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.codegen import TARGETS, compile_op
+
+from .codegen_cases import assert_close, make_input, make_linear
+
+MS = (1, 2, 3, 8, 61)
+RUNNABLE = [t for t in ("avx512", "avx2", "portable") if TARGETS[t].runnable()]
+
+# (n, k, bits, group, fmt, bias, epilogue, act_bits)
+AVX512_CASES = (
+    [(13, 70, b, 32, "sym", True, None, 8) for b in (2, 3, 4, 5, 6, 7, 8)]
+    + [(40, 100, b, g, "sym", False, None, 8) for b in (2, 3, 4, 8) for g in (64, 128, None)]
+    + [(13, 100, b, 64, "asym", True, None, 8) for b in (2, 3, 4, 5, 6, 7)]
+    + [(13, 70, b, 32, "row_cb", True, None, 8) for b in (2, 3, 4)]
+    + [(21, 100, 4, 32, "group_cb", False, None, 8), (17, 96, 8, 32, "row_cb", False, None, None)]
+    + [(13, 70, 4, 32, "sym", True, e, 8) for e in ("relu", "gelu", "silu")]
+    + [(13, 70, b, 32, f, True, "gelu", None) for b, f in ((2, "sym"), (4, "asym"), (3, "row_cb"), (8, "sym"))]
+)
+PORTABLE_CASES = (
+    [(13, 70, b, 32, "sym", True, None, 8) for b in (2, 3, 4, 5, 8)]
+    + [(13, 100, 4, None, "asym", False, "silu", 8), (13, 70, 6, 32, "row_cb", True, "relu", 8),
+       (21, 100, 4, 32, "group_cb", False, None, 8), (20, 70, 8, 32, "row_cb", False, None, 8),
+       (13, 70, 4, 64, "asym", True, "gelu", None)]
+)
+
+
+def _check(target, case, ms=MS):
+    n, k, bits, group, fmt, bias, epi, act = case
+    op = make_linear(n, k, bits, group, fmt, bias, epi, act)
+    kern = compile_op(op, target)
+    for m in ms:
+        x = make_input(m, k, seed=m)
+        assert_close(kern(x), op.reference(x), f"{kern.name} {case} M={m}")
+
+
+@pytest.mark.skipif("avx512" not in RUNNABLE, reason="host cannot run avx512 kernels")
+@pytest.mark.parametrize("case", AVX512_CASES, ids=str)
+def test_avx512_linear(case):
+    _check("avx512", case)
+
+
+@pytest.mark.parametrize("case", PORTABLE_CASES, ids=str)
+def test_portable_linear(case):
+    _check("portable", case)
+
+
+@pytest.mark.skipif("avx2" not in RUNNABLE, reason="host cannot run avx2 kernels")
+@pytest.mark.parametrize("case", PORTABLE_CASES[:3] + PORTABLE_CASES[-2:], ids=str)
+def test_avx2_linear(case):
+    _check("avx2", case)
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+@pytest.mark.parametrize("case", [(40, 64, 4, 64, "sym", True, "gelu", 8), (13, 100, 2, None, "asym", False, None, 8),
+                                  (19, 64, 3, 32, "row_cb", True, None, None)], ids=str)
+def test_large_m(target, case):
+    """M=1500 (the encoder's frame count): blocked path, and the M split when N has few row blocks."""
+    _check(target, case, ms=(1500,))
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+def test_large_magnitudes_and_leading_dims(target):
+    op = make_linear(24, 64, 4, 32, "sym", True, None, 8)
+    kern = compile_op(op, target)
+    x = make_input(6, 64, big=True).view(2, 3, 64)
+    assert_close(kern(x), op.reference(x), "big")
+    xb = x.to(torch.bfloat16)
+    y = kern(xb)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
+    assert kern(torch.zeros(0, 64)).shape == (0, 24)
+    out = torch.empty(6, 24)
+    assert kern(x.view(6, 64), out=out) is out
+    assert_close(out, op.reference(x.view(6, 64)), "out=")
+    with pytest.raises(ValueError, match="out must be"):
+        kern(x.view(6, 64), out=torch.empty(5, 24))
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+@pytest.mark.parametrize("fmt", ["sym", "asym", "row_cb"])
+@pytest.mark.parametrize("group", [32, None])
+def test_integer_accumulators_bit_exact(target, fmt, group):
+    """Power-of-two scales, no bias: every fp32 step before the final *s_a is exact, so the outputs
+    equal the reference bit for bit iff every per-group int32 accumulator is exact."""
+    op = make_linear(37, 100, 4, group, fmt, bias=False, pow2_scales=True)
+    kern = compile_op(op, target)
+    for m in (1, 3, 8, 61):
+        x = make_input(m, 100, seed=m)
+        assert torch.equal(kern(x), op.reference(x)), f"{kern.name} fmt={fmt} M={m}"
