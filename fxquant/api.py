@@ -42,7 +42,7 @@ EXTRA_OPTIONS = {
     "max_calibration": "use at most this many calibration inputs (default 64)",
     "act_mode": "'dynamic' (per-token int8, default) or 'static' (calibrated per-tensor int8)",
     "symmetric": "symmetric uniform weights (default True); False = asymmetric with zero points",
-    "depthwise_bits": "bits for depthwise convs (default 8; None lets the budget decide)",
+    "depthwise_bits": "bits for depthwise convs (default 8; None lets the budget solver decide them)",
     "tie_siblings": "give q/k/v-style sibling linears one decision (default True)",
 }
 

@@ -159,7 +159,11 @@ def render(rows: Sequence[EvalRow], title: str = "") -> str:
     metric = rows[0].metric if rows else "error"
     table = tabulate(body, headers=["variant", metric, "model bytes", "smaller", "avg weight bits",
                                     "ms per s audio", "compile s"], tablefmt="github")
-    return (title + "\n" if title else "") + table
+    notes = ""
+    if any(r.variant == "torch-int8" and r.model_bytes == fp32 for r in rows):
+        notes = ("\ntorch-int8 = torch.ao quantize_dynamic, which quantizes only nn.Linear/LSTM layers; "
+                 "this model has none, so it stays fp32.")
+    return (title + "\n" if title else "") + table + notes
 
 
 def evaluate_keywords(variants: Sequence[str] = DEFAULT_VARIANTS, split: str = "all", n_calibration: int = 256,
