@@ -36,7 +36,7 @@ from . import __version__, ir
 from .errors import ArtifactError
 from .ops import LowbitEmbedding, _LowbitBase
 
-LOWERED_OPS = (_LowbitBase, LowbitEmbedding)
+LOWERED_OPS = (_LowbitBase, LowbitEmbedding)  # the module types an artifact may hold
 
 FORMAT = "fxquant-artifact"
 FORMAT_VERSION = 1

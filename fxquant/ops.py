@@ -31,7 +31,22 @@ def apply_epilogue(y: torch.Tensor, epilogue: str | None) -> torch.Tensor:
     return y if epilogue is None else EPILOGUES[epilogue](y)
 
 
-class _LowbitBase(nn.Module):
+class _QWeightStore(nn.Module):
+    """Holds a QuantizedWeight's tensors as buffers (so state_dict and artifacts carry them)."""
+
+    def _store(self, qw: QuantizedWeight) -> None:
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.scheme, self.granularity = qw.scheme, qw.granularity
+        for name in ("codes", "table", "table_index", "scales"):
+            self.register_buffer(name, getattr(qw, name))
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.bits, self.codes, self.table, self.table_index, self.scales,
+                               self.group_size, self.scheme, self.granularity)
+
+
+class _LowbitBase(_QWeightStore):
     """Shared storage of a quantized weight + bias, the act format, an optional fused epilogue."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, act_bits: int | None = 8,
@@ -39,22 +54,12 @@ class _LowbitBase(nn.Module):
         super().__init__()
         if epilogue is not None and epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {epilogue!r}; choose one of {sorted(EPILOGUES)}")
-        self.bits, self.group_size = qw.bits, qw.group_size
-        self.scheme, self.granularity = qw.scheme, qw.granularity
-        self.register_buffer("codes", qw.codes)
-        self.register_buffer("table", qw.table)
-        self.register_buffer("table_index", qw.table_index)
-        self.register_buffer("scales", qw.scales)
+        self._store(qw)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act_bits = act_bits
         self.epilogue = epilogue
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by codegen
         self.backend = "reference"
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.bits, self.codes, self.table, self.table_index, self.scales,
-                               self.group_size, self.scheme, self.granularity)
 
     def extra_repr(self) -> str:
         n, k = self.codes.shape
@@ -117,7 +122,7 @@ class LowbitConv(_LowbitBase):
         return y.to(x.dtype)
 
 
-class LowbitEmbedding(nn.Module):
+class LowbitEmbedding(_QWeightStore):
     """Embedding lookup into a quantized table: row t of W_hat for every token t.
 
     Used for tied tables (Whisper's token embedding doubles as the logits projection): the lookup
@@ -127,19 +132,9 @@ class LowbitEmbedding(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None):
         super().__init__()
-        self.bits, self.group_size = qw.bits, qw.group_size
-        self.scheme, self.granularity = qw.scheme, qw.granularity
-        self.register_buffer("codes", qw.codes)
-        self.register_buffer("table", qw.table)
-        self.register_buffer("table_index", qw.table_index)
-        self.register_buffer("scales", qw.scales)
+        self._store(qw)
         self.padding_idx = padding_idx
         self.backend = "reference"
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.bits, self.codes, self.table, self.table_index, self.scales,
-                               self.group_size, self.scheme, self.granularity)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         k = self.codes.shape[1]

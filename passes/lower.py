@@ -66,7 +66,16 @@ def static_linear(x: torch.Tensor, qw: QuantizedWeight, bias, act_scale: torch.T
     return y.reshape(*lead, qw.codes.shape[0])
 
 
-class StaticLowbitLinear(LowbitLinear):
+class _StaticForward:
+    """forward for static-scale ops: a kernel only when it implements the static activation scale."""
+
+    def forward(self, x):
+        if self.kernel is not None and getattr(self.kernel, "supports_static_act", False):
+            return self.kernel(x)
+        return self.reference(x)
+
+
+class StaticLowbitLinear(_StaticForward, LowbitLinear):
     """LowbitLinear with a static (calibrated, per-tensor) int8 activation scale."""
 
     def __init__(self, qw, bias, act_scale: float, epilogue=None):
@@ -74,27 +83,17 @@ class StaticLowbitLinear(LowbitLinear):
         self.act_mode = "static"
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
 
-    def forward(self, x):
-        if self.kernel is not None and getattr(self.kernel, "supports_static_act", False):
-            return self.kernel(x)
-        return self.reference(x)
-
     def reference(self, x):
         return apply_epilogue(static_linear(x, self.qweight, self.bias, self.act_scale), self.epilogue).to(x.dtype)
 
 
-class StaticLowbitConv(LowbitConv):
+class StaticLowbitConv(_StaticForward, LowbitConv):
     """LowbitConv (groups == 1) with a static int8 activation scale on the im2col rows."""
 
     def __init__(self, qw, bias, weight_shape, stride, padding, dilation, groups, act_scale: float, epilogue=None):
         super().__init__(qw, bias, weight_shape, stride, padding, dilation, groups, 8, epilogue)
         self.act_mode = "static"
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
-
-    def forward(self, x):
-        if self.kernel is not None and getattr(self.kernel, "supports_static_act", False):
-            return self.kernel(x)
-        return self.reference(x)
 
     def reference(self, x):
         if self.groups != 1:
