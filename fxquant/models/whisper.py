@@ -56,18 +56,26 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, T, D) -> (B, H, T, D/H) view (no copy)."""
+    b, t, d = x.shape
+    return x.view(b, t, n_head, d // n_head).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, dh) -> (B, T, H*dh)."""
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention over heads: (B, Tq, D), (B, Tk, D) -> (B, Tq, D)."""
-    b, tq, d = q.shape
-    tk = k.shape[1]
-    q = q.reshape(b, tq, n_head, d // n_head).transpose(1, 2)
-    k = k.reshape(b, tk, n_head, d // n_head).transpose(1, 2)
-    v = v.reshape(b, tk, n_head, d // n_head).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (d // n_head) ** -0.5
-    if mask is not None:
-        scores = scores + mask
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
-    return out.transpose(1, 2).reshape(b, tq, d)
+    """Scaled dot-product attention over heads: (B, Tq, D), (B, Tk, D) -> (B, Tq, D).
+
+    Uses the fused CPU kernel (`F.scaled_dot_product_attention`, scale 1/sqrt(D/H)); `mask` is additive
+    (broadcast to (Tq, Tk)).
+    """
+    out = F.scaled_dot_product_attention(_heads(q, n_head), _heads(k, n_head), _heads(v, n_head), attn_mask=mask)
+    return _merge_heads(out)
 
 
 class MultiHeadAttention(nn.Module):
@@ -100,15 +108,27 @@ class ResidualAttentionBlock(nn.Module):
             x = x + self.cross_attn(self.cross_attn_ln(x), xa)
         return x + self.mlp(self.mlp_ln(x))
 
-    def cached(self, x, positions, mask, self_k, self_v, cross_k, cross_v):
-        """One step on cache tensors: writes this step's keys/values at `positions`, returns (x, k, v)."""
+    def cached(self, x, mask, self_k, self_v, cross_k, cross_v):
+        """One step on head-major caches (B, H, T, dh); returns (x, k_new, v_new) with this step's (B, H, L, dh).
+
+        Self-attention runs over the old cache (`self_k`/`self_v`, read in place, never copied) and this
+        step's keys/values; `mask` is the additive (L, n_ctx + L) mask over [old cache, new tokens].
+        """
         h = self.attn_ln(x)
-        k = self_k.index_copy(1, positions, self.attn.key(h))
-        v = self_v.index_copy(1, positions, self.attn.value(h))
-        x = x + self.attn.out(_attend(self.attn.query(h), k, v, self.attn.n_head, mask))
+        n_head = self.attn.n_head
+        q = _heads(self.attn.query(h), n_head)
+        k_new = _heads(self.attn.key(h), n_head)
+        v_new = _heads(self.attn.value(h), n_head)
+        n_ctx = self_k.shape[-2]
+        scale = q.shape[-1] ** -0.5
+        scores = torch.cat([torch.matmul(q, self_k.transpose(-1, -2)), torch.matmul(q, k_new.transpose(-1, -2))], -1)
+        probs = torch.softmax((scores * scale + mask).float(), dim=-1).to(q.dtype)
+        att = torch.matmul(probs[..., :n_ctx], self_v) + torch.matmul(probs[..., n_ctx:], v_new)
+        x = x + self.attn.out(_merge_heads(att))
         h = self.cross_attn_ln(x)
-        x = x + self.cross_attn.out(_attend(self.cross_attn.query(h), cross_k, cross_v, self.cross_attn.n_head, None))
-        return x + self.mlp(self.mlp_ln(x)), k, v
+        q = _heads(self.cross_attn.query(h), self.cross_attn.n_head)
+        x = x + self.cross_attn.out(_merge_heads(F.scaled_dot_product_attention(q, cross_k, cross_v)))
+        return x + self.mlp(self.mlp_ln(x)), k_new, v_new
 
 
 class AudioEncoder(nn.Module):
@@ -156,32 +176,42 @@ class TextDecoder(nn.Module):
         return self._logits(x)
 
     def cross_cache(self, audio_features: torch.Tensor) -> torch.Tensor:
-        """Cross-attention keys/values of all layers: (n_layer, 2, B, A, D)."""
-        return torch.stack([torch.stack([b.cross_attn.key(audio_features), b.cross_attn.value(audio_features)])
+        """Cross-attention keys/values of all layers, head-major and contiguous: (n_layer, 2, B, H, A, D/H).
+
+        Computed once per utterance so that every `step` reads them without reshaping or copying.
+        """
+        return torch.stack([torch.stack([_heads(b.cross_attn.key(audio_features), b.cross_attn.n_head),
+                                         _heads(b.cross_attn.value(audio_features), b.cross_attn.n_head)])
                             for b in self.blocks])
 
     def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Zeroed self-attention cache (n_layer, 2, B, n_text_ctx, D)."""
+        """Zeroed self-attention cache, head-major: (n_layer, 2, B, H, n_text_ctx, D/H)."""
         n_ctx, d = self.positional_embedding.shape
-        return torch.zeros(len(self.blocks), 2, batch, n_ctx, d, dtype=dtype)
+        n_head = self.blocks[0].attn.n_head
+        return torch.zeros(len(self.blocks), 2, batch, n_head, n_ctx, d // n_head, dtype=dtype)
 
     def step(self, tokens: torch.Tensor, cross_kv: torch.Tensor, self_kv: torch.Tensor, offset):
         """Cached step: `tokens` (B, L) sit at positions offset..offset+L-1.
 
-        Returns ((B, L, n_vocab) logits, updated self_kv). `offset` is an int or a 0-dim int64 tensor;
-        attention runs over the full fixed-size cache with positions > current masked out.
+        `cross_kv` comes from `cross_cache` (n_layer, 2, B, H, A, D/H) and `self_kv` from `empty_cache` or
+        a previous step (n_layer, 2, B, H, n_text_ctx, D/H); entries at positions >= offset are ignored.
+        Returns ((B, L, n_vocab) logits, updated self_kv): a new tensor, written with one `index_copy`
+        (the input cache is not modified). `offset` is an int or a 0-dim int64 tensor.
         """
         offset = offset if isinstance(offset, torch.Tensor) else torch.tensor(offset, dtype=torch.long)
-        positions = offset + torch.arange(tokens.shape[-1], dtype=torch.long)
+        steps = torch.arange(tokens.shape[-1], dtype=torch.long)
+        positions = offset + steps
         n_ctx = self.positional_embedding.shape[0]
-        allowed = torch.arange(n_ctx, dtype=torch.long)[None, :] <= positions[:, None]
-        mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        # attend to cached positions < offset and, among this step's tokens, to earlier-or-same ones
+        old = (torch.arange(n_ctx, dtype=torch.long) < offset)[None, :].expand(steps.shape[0], n_ctx)
+        allowed = torch.cat([old, steps[None, :] <= steps[:, None]], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=cross_kv.dtype).masked_fill(~allowed, float("-inf"))
         x = self.token_embedding(tokens) + self.positional_embedding.index_select(0, positions)
         new_kv = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.cached(x, positions, mask, self_kv[i, 0], self_kv[i, 1], cross_kv[i, 0], cross_kv[i, 1])
+            x, k, v = block.cached(x, mask, self_kv[i, 0], self_kv[i, 1], cross_kv[i, 0], cross_kv[i, 1])
             new_kv.append(torch.stack([k, v]))
-        return self._logits(x), torch.stack(new_kv)
+        return self._logits(x), self_kv.index_copy(4, positions, torch.stack(new_kv))
 
 
 class DecoderStep(nn.Module):

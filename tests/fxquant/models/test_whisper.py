@@ -50,7 +50,52 @@ def test_step_logits_equal_full_recompute(model):
     first, cache = model.decoder.step(tokens[:, :4], cross, cache, 0)
     second, cache = model.decoder.step(tokens[:, 4:], cross, cache, torch.tensor(4))
     assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
-    assert cache.shape == (2, 2, 1, 24, 32) and cache[:, :, :, 6:].abs().max() == 0
+    assert cache.shape == (2, 2, 1, 4, 24, 8) and cache[..., 6:, :].abs().max() == 0   # (layer, k/v, B, H, T, dh)
+
+
+def _reference_decoder(model, tokens, audio):
+    """Explicit matmul/softmax decoder (the pre-SDPA implementation), for numerics."""
+    def attend(q, k, v, n_head, mask):
+        b, tq, d = q.shape
+        q, k, v = (t.reshape(b, t.shape[1], n_head, d // n_head).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) * (d // n_head) ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        return (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, tq, d)
+
+    def mha(m, x, src, mask=None):
+        return m.out(attend(m.query(x), m.key(src), m.value(src), m.n_head, mask))
+
+    dec, n = model.decoder, tokens.shape[-1]
+    x = dec.token_embedding(tokens) + dec.positional_embedding[:n]
+    for b in dec.blocks:
+        x = x + mha(b.attn, b.attn_ln(x), b.attn_ln(x), dec.mask[:n, :n])
+        x = x + mha(b.cross_attn, b.cross_attn_ln(x), audio)
+        x = x + b.mlp(b.mlp_ln(x))
+    return dec._logits(x)
+
+
+def test_sdpa_matches_explicit_attention_and_cache_layout(model):
+    torch.manual_seed(0)
+    audio = model.encoder(torch.randn(2, 16, 24))
+    tokens = torch.randint(0, DIMS.n_vocab, (2, 9))
+    ref = _reference_decoder(model, tokens, audio)
+    assert torch.allclose(model.decoder(tokens, audio), ref, atol=1e-4)
+    cross = model.decoder.cross_cache(audio)
+    assert cross.shape == (2, 2, 2, 4, 12, 8) and cross.is_contiguous()
+    k0 = model.decoder.blocks[1].cross_attn.key(audio)
+    assert torch.equal(cross[1, 0], k0.view(2, 12, 4, 8).transpose(1, 2))
+    # stale entries at positions >= offset are ignored; the input cache is not modified
+    cache = torch.randn(2, 2, 2, 4, 24, 8)
+    before = cache.clone()
+    logits, cache2 = model.decoder.step(tokens[:, :5], cross, cache, 0)
+    assert torch.equal(cache, before) and cache2.is_contiguous()
+    outs = [logits]
+    for pos in range(5, 9):
+        logits, cache2 = model.decoder.step(tokens[:, pos:pos + 1], cross, cache2, torch.tensor(pos))
+        outs.append(logits)
+    assert torch.allclose(torch.cat(outs, 1), ref, atol=1e-4)
+    assert torch.equal(cache2[..., 9:, :], before[..., 9:, :])
 
 
 def test_kv_cached_greedy_equals_recompute(model):
