@@ -27,3 +27,15 @@ def shared() -> Path:
     if path is None:
         pytest.skip("../shared (data and pretrained weights) is not present beside the repository")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many small ops (fast and predictable on a shared machine).
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

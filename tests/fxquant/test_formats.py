@@ -7,13 +7,7 @@ from fxquant.formats import FORMATS, quantize_weight, sqnr_db, weight_bytes
 from fxquant.qweight import dequantize, reference_linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread keeps these small ops fast and predictable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [("uniform", b, gran, gs, sym) for b in (8, 4, 3, 2) for gran, gs in
          (("tensor", None), ("channel", None), ("group", 32), ("group", 64), ("group", 128)) for sym in (True, False)

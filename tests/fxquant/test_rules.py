@@ -6,13 +6,7 @@ from fxquant.errors import ConfigError
 from fxquant.rules import assign, make_decision, parse_rules, pick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread keeps these small ops fast and predictable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NODES = [("linear", "encoder.blocks.0.attn.q", "linear"), ("linear_1", "encoder.blocks.0.mlp.0", "linear"),
          ("conv2d", "encoder.conv1", "conv2d"), ("conv2d_1", "encoder.dw", "depthwise"),

@@ -10,12 +10,7 @@ from fxquant.registry import PassContext
 from fxquant.tracing import capture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(model, batches, **ctx_kw):

@@ -13,12 +13,7 @@ from fxquant.passes.lower import StaticLowbitLinear, dequantize_int8, quantize_i
 PIPE = "calibrate,assign-precision,quantize,lower"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(torch.nn.Module):

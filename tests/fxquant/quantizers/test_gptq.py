@@ -7,13 +7,7 @@ from fxquant.qweight import dequantize
 from fxquant.quantizers import codebook, gptq, uniform
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread keeps these small ops fast and predictable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated(n=1024, k=128):

@@ -5,13 +5,7 @@ import torch
 from fxquant.quantizers import grid_round, uniform
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one intra-op thread keeps these small ops fast and predictable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_symmetric_levels_and_scale():
