@@ -7,7 +7,7 @@ Variants, all at batch 1 with the same thread count (default 2), each in its own
 is its own: torch fp32, torch dynamic int8 (quantize_dynamic, fbgemm), CTranslate2 int8 (optional:
 `pip install ctranslate2 transformers`; a random-weight transformers Whisper of the same size converted
 with its converter), and fxquant at W8A8, mixed 4 bits and mixed 3 bits. Random weights are fine for
-speed. Prints medians and ratios; writes the table to benchmarks/E2E.md.
+speed. Prints medians and ratios; writes the table to benchmarks/E2E-<models>.md.
 """
 from __future__ import annotations
 
@@ -210,8 +210,9 @@ def main() -> None:
               f"({_cpu_name()}), {args.threads} threads, torch {torch.__version__}, batch 1, "
               f"{args.tokens} decoded tokens, medians of {args.reps} runs.\n\n")
     print(table)
-    (HERE / "E2E.md").write_text("# End-to-end Whisper benchmark\n\n`python benchmarks/bench_e2e.py`\n\n" + header
-                                 + table + "\n")
+    out = HERE / f"E2E-{args.models.replace(',', '-')}.md"
+    out.write_text(f"# End-to-end Whisper benchmark\n\n`python benchmarks/bench_e2e.py {' '.join(sys.argv[1:])}`\n\n"
+                   + header + table + "\n")
 
 
 def _cpu_name() -> str:
