@@ -1,4 +1,4 @@
-"""The `fxquant` command line: compile, report, dump, passes, demo.
+"""The `fxquant` command line: compile, report, bench, dump, passes, eval, transcribe, demo.
 
 Example:
     fxquant dump kws-cnn --after fold-bn
@@ -42,6 +42,42 @@ def cmd_compile(args) -> int:
     if getattr(args, "out", None):
         cm.save(args.out)
         print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Median latency of the fp32 model and the compiled one on the factory's example inputs."""
+    import statistics
+    import time
+
+    from tabulate import tabulate
+
+    import fxquant
+    from .runtime import tensor_bytes
+    from .zoo import load_factory
+
+    model, inputs = load_factory(args.model)
+    cm = fxquant.compile_lowbit(model, inputs, bits=args.bits, avg_bits=args.avg_bits,
+                                budget_bytes=args.budget_bytes, scheme=args.scheme, passes=args.passes,
+                                target=args.target)
+
+    def median_ms(fn) -> float:
+        with torch.no_grad():
+            fn(*inputs)
+            times = []
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                fn(*inputs)
+                times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    fp32_ms, ours_ms = median_ms(model), median_ms(cm)
+    rows = [["fp32 (torch)", f"{fp32_ms:.3f}", "1.00x", f"{tensor_bytes(model) / 1024:.1f}"],
+            [f"fxquant ({cm.summary()['avg_weight_bits']:.2f} bits)", f"{ours_ms:.3f}", f"{fp32_ms / ours_ms:.2f}x",
+             f"{cm.summary()['model_bytes'] / 1024:.1f}"]]
+    shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+    print(f"{args.model} on {shapes}, {torch.get_num_threads()} threads, median of {args.reps} calls")
+    print(tabulate(rows, headers=["variant", "median ms", "speed-up", "KiB"], tablefmt="simple"))
     return 0
 
 
@@ -125,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_budget_args(p)
     p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("bench", help="median latency of the compiled model vs fp32 on its example inputs")
+    _add_model_args(p)
+    _add_budget_args(p)
+    p.add_argument("--reps", type=int, default=50)
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("dump", help="print the graph table after a chosen pass")
     _add_model_args(p)
     p.add_argument("--after", default="propagate-shapes", help="pass name after which to print the graph")

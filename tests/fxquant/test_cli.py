@@ -14,7 +14,7 @@ def test_console_script_help():
     exe = shutil.which("fxquant")
     assert exe, "the fxquant console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("compile", "report", "dump", "passes", "eval", "transcribe", "demo"):
+    for command in ("compile", "report", "bench", "dump", "passes", "eval", "transcribe", "demo"):
         assert command in out
 
 
@@ -38,6 +38,13 @@ def test_compile_prints_report_and_saves(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "W8 uniform/channel A8" in out and "bits=8" in out and f"saved to {out_dir}" in out
     assert fxquant.load(out_dir).report_rows()[0]["format"].startswith("W8")
+
+
+def test_bench_prints_both_variants(capsys):
+    assert main(["bench", "kws-cnn", "--bits", "4", "--target", "reference", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "kws-cnn on (2, 1, 10, 10)" in out and "median of 3 calls" in out
+    assert "fp32 (torch)" in out and "fxquant (4.00 bits)" in out
 
 
 @pytest.mark.parametrize("argv,needle", [
