@@ -81,7 +81,7 @@ def run_torch_or_fxq(preset: str, variant: str, tokens: int, reps: int) -> dict:
         audio_cached = encoder(mel)
         decode()
         dec = _median_time(decode, reps)
-    size = sum(_module_bytes(m) for m in (encoder,)) + _decoder_bytes(model, step, cross, variant)
+    size = _module_bytes(encoder) + _decoder_bytes(model, step, cross, variant)
     return {"encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * dec / tokens, "model_bytes": size,
             "compile_s": compile_s}
 

@@ -34,9 +34,7 @@ from torch.utils import _pytree as pytree
 
 from . import __version__, ir
 from .errors import ArtifactError
-from .ops import LowbitEmbedding, _LowbitBase
-
-LOWERED_OPS = (_LowbitBase, LowbitEmbedding)  # the module types an artifact may hold
+from .ops import _QWeightStore, is_lowered
 
 FORMAT = "fxquant-artifact"
 FORMAT_VERSION = 1
@@ -119,7 +117,7 @@ def _resolve_target(name: str) -> Any:
 def _meta(node: fx.Node) -> dict[str, Any]:
     m = node.meta
     d = m.get(ir.DECISION)
-    stats = {k: (float(v) if isinstance(v, (int, float)) and v is not None else v)
+    stats = {k: (float(v) if isinstance(v, (int, float)) else v)
              for k, v in (m.get(ir.QUANT_STATS) or {}).items() if isinstance(v, (int, float, str, type(None)))}
     return {"module": m.get(ir.MODULE, ""), "module_type": m.get(ir.MODULE_TYPE, ""), "source": m.get(ir.SOURCE, ""),
             "provenance": list(m.get(ir.PROVENANCE, ())), "shape": m.get(ir.SHAPE), "dtype": m.get(ir.DTYPE),
@@ -142,15 +140,9 @@ def _restore_meta(node: fx.Node, data: dict[str, Any]) -> None:
 
 
 def _plain_attrs(module: nn.Module) -> dict[str, Any]:
-    out = {}
-    for key, value in vars(module).items():
-        if key.startswith("_") or key in _SKIP_ATTRS:
-            continue
-        try:
-            out[key] = _encode(value, f"module attribute {key}")
-        except ArtifactError:
-            continue
-    return out
+    """The module's own plain attributes; one that cannot be stored is an error, not silently dropped."""
+    return {key: _encode(value, f"{type(module).__name__} attribute {key!r}") for key, value in vars(module).items()
+            if not key.startswith("_") and key not in _SKIP_ATTRS}
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
@@ -187,7 +179,7 @@ def _graph_entries(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tupl
             if node.target == "_guards_fn":
                 continue  # torch.export's shape guards: generated code, rebuilt as input checks on load
             mod = gm.get_submodule(node.target)
-            if not isinstance(mod, LOWERED_OPS):
+            if not is_lowered(mod):
                 raise ArtifactError(f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
                                     f"fxquant's lowered ops")
             buffers = {}
@@ -357,7 +349,7 @@ def _build_module(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> nn
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError):
         raise ArtifactError(f"module {name!r}: class {cls_path!r} does not exist in this fxquant") from None
-    if not (isinstance(cls, type) and issubclass(cls, LOWERED_OPS)):
+    if not (isinstance(cls, type) and issubclass(cls, _QWeightStore)):
         raise ArtifactError(f"module {name!r}: {cls_path!r} is not a lowered fxquant op")
     mod = cls.__new__(cls)
     nn.Module.__init__(mod)

@@ -30,7 +30,8 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="native", help="native | avx512 | avx2 | portable | reference")
 
 
-def cmd_compile(args) -> int:
+def _compile_from_args(args):
+    """(model, example inputs, compiled module) for the model/budget arguments shared by the subcommands."""
     import fxquant
     from .zoo import load_factory
 
@@ -38,6 +39,11 @@ def cmd_compile(args) -> int:
     cm = fxquant.compile_lowbit(model, inputs, bits=args.bits, avg_bits=args.avg_bits,
                                 budget_bytes=args.budget_bytes, scheme=args.scheme, passes=args.passes,
                                 target=args.target, dump_dir=args.dump_dir)
+    return model, inputs, cm
+
+
+def cmd_compile(args) -> int:
+    _, _, cm = _compile_from_args(args)
     print(cm.report(passes=True))
     if getattr(args, "out", None):
         cm.save(args.out)
@@ -52,14 +58,9 @@ def cmd_bench(args) -> int:
 
     from tabulate import tabulate
 
-    import fxquant
     from .runtime import tensor_bytes
-    from .zoo import load_factory
 
-    model, inputs = load_factory(args.model)
-    cm = fxquant.compile_lowbit(model, inputs, bits=args.bits, avg_bits=args.avg_bits,
-                                budget_bytes=args.budget_bytes, scheme=args.scheme, passes=args.passes,
-                                target=args.target)
+    model, inputs, cm = _compile_from_args(args)
 
     def median_ms(fn) -> float:
         with torch.no_grad():
@@ -192,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         return args.fn(args)
     except FxQuantError as exc:

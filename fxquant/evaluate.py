@@ -19,7 +19,7 @@ from torch import nn
 from .progress import Progress
 from .runtime import tensor_bytes
 
-# variant name -> compile_lowbit keyword arguments (None = not an fxquant variant)
+# fxquant variant name -> compile_lowbit keyword arguments
 FXQUANT_VARIANTS: dict[str, dict] = {
     "W8A8": {"bits": 8},
     "W4": {"bits": 4},
@@ -45,8 +45,8 @@ class EvalRow:
 
 def torch_dynamic_int8(model: nn.Module) -> nn.Module:
     """torch's own dynamic int8 (fbgemm): quantizes nn.Linear (and LSTM) layers only."""
-    torch.backends.quantized.engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines \
-        else torch.backends.quantized.engine
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "fbgemm"
     return torch.ao.quantization.quantize_dynamic(model, {nn.Linear, nn.LSTM}, dtype=torch.qint8)
 
 

@@ -46,6 +46,11 @@ class _QWeightStore(nn.Module):
                                self.group_size, self.scheme, self.granularity)
 
 
+def is_lowered(module: nn.Module) -> bool:
+    """True for fxquant's lowered ops (every module holding a QuantizedWeight)."""
+    return isinstance(module, _QWeightStore)
+
+
 class _LowbitBase(_QWeightStore):
     """Shared storage of a quantized weight + bias, the act format, an optional fused epilogue."""
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ir
 from .errors import InputError
-from .ops import LowbitConv, LowbitLinear, _LowbitBase
+from .ops import LowbitLinear, _LowbitBase, is_lowered
 
 REPORT_COLUMNS = ("node", "module", "op", "weight", "format", "decided_by", "bytes", "fp32_bytes", "sqnr_db",
                   "backend")
@@ -96,7 +96,7 @@ def tensor_bytes(module: nn.Module) -> int:
     """
     total, seen = 0, set()
     for mod in module.modules():
-        if hasattr(mod, "qweight") and hasattr(mod, "codes"):
+        if is_lowered(mod):
             key = mod.codes.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)

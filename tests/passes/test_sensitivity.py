@@ -107,5 +107,7 @@ def test_measurement_never_writes_the_models_weights():
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     before = [p.detach().clone() for p in model.parameters()]
+    versions = [p._version for p in model.parameters()]  # bumped by any in-place write, even if undone later
     fxquant.compile_lowbit(model, (torch.randn(8, 16),), avg_bits=3.0, target="reference")
+    assert [p._version for p in model.parameters()] == versions
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
