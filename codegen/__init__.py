@@ -8,13 +8,14 @@ Example:
     >>> report = codegen.attach_kernels(gm, target="native")      # doctest: +SKIP
 """
 from .attach import AttachReport, attach_kernels, lowered_ops
+from .attention import AttentionKernel, attention_kernel
 from .build import BuildError, build_library, cache_dir, find_compiler
 from .kernels import GroupedConvKernel, Im2colConvKernel, LinearKernel, compile_op
 from .packing import analyze_tables, pack_avx512, pack_portable
 from .render import UnsupportedOp, render_linear
 from .targets import TARGETS, Target, detect_host, resolve_target
 
-__all__ = ["AttachReport", "BuildError", "GroupedConvKernel", "Im2colConvKernel", "LinearKernel", "TARGETS",
-           "Target", "UnsupportedOp", "analyze_tables", "attach_kernels", "build_library", "cache_dir",
-           "compile_op", "detect_host", "find_compiler", "lowered_ops", "pack_avx512", "pack_portable",
-           "render_linear", "resolve_target"]
+__all__ = ["AttachReport", "AttentionKernel", "BuildError", "GroupedConvKernel", "Im2colConvKernel", "LinearKernel",
+           "TARGETS", "Target", "UnsupportedOp", "analyze_tables", "attach_kernels", "attention_kernel",
+           "build_library", "cache_dir", "compile_op", "detect_host", "find_compiler", "lowered_ops", "pack_avx512",
+           "pack_portable", "render_linear", "resolve_target"]

@@ -1,4 +1,4 @@
-"""Attach compiled kernels to every LowbitLinear / LowbitConv of a GraphModule.
+"""Attach compiled kernels to every LowbitLinear / LowbitConv / FusedAttention of a GraphModule.
 
 Example:
     >>> report = attach_kernels(gm, target="native", out_dir="build/kernels")   # doctest: +SKIP
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fxquant.ops import LowbitConv, LowbitLinear
+from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
 
 from .build import BuildError, atomic_write
 from .kernels import compile_op
@@ -37,7 +37,7 @@ class AttachReport:
 
 
 def lowered_ops(gm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, (LowbitLinear, LowbitConv))]
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, (LowbitLinear, LowbitConv, FusedAttention))]
 
 
 def _try(op, target, cache_dir):

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fxquant.ops import LowbitConv, LowbitLinear
+from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
 from fxquant.qweight import dequantize
 
 from .build import build_library
@@ -85,6 +85,11 @@ class LinearKernel(_Kernel):
         if not self.runnable:
             self._check()
         shape = x.shape
+        if out is None and x.dtype == torch.float32 and shape[-1] == self.k and x.is_contiguous():
+            # fast path (decode loops call this hundreds of times per token): no reshapes or copies
+            y = torch.empty(shape[:-1] + (self.n,), dtype=torch.float32)
+            self._fn(x.data_ptr(), x.numel() // self.k, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr)
+            return y
         if shape[-1] != self.k:
             raise ValueError(f"{self.name}: expected last dim {self.k}, got input of shape {tuple(shape)}")
         x2 = x if len(shape) == 2 else x.reshape(-1, self.k)
@@ -202,4 +207,9 @@ def compile_op(op, target: str | Target = "native", cache_dir: str | None = None
         return GroupedConvKernel(name, t, src, build_library(src, name, t.flags, cache_dir), op)
     if isinstance(op, LowbitLinear):
         return build_linear(op, t, cache_dir)
-    raise UnsupportedOp(f"compile_op expects a LowbitLinear or LowbitConv, got {type(op).__name__}")
+    if isinstance(op, FusedAttention):
+        from .attention import attention_kernel
+
+        kw = {"kv_dtype": "int8"} if op.kv_int8 else {}
+        return attention_kernel(op.head_dim, t, cache_dir=cache_dir, **kw)
+    raise UnsupportedOp(f"compile_op expects a LowbitLinear, LowbitConv or FusedAttention, got {type(op).__name__}")

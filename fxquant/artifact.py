@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from . import __version__, ir
 from .errors import ArtifactError
-from .ops import _QWeightStore, is_lowered
+from .ops import LoweredOp, _QWeightStore
 
 FORMAT = "fxquant-artifact"
 FORMAT_VERSION = 1
@@ -179,7 +179,7 @@ def _graph_entries(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tupl
             if node.target == "_guards_fn":
                 continue  # torch.export's shape guards: generated code, rebuilt as input checks on load
             mod = gm.get_submodule(node.target)
-            if not is_lowered(mod):
+            if not isinstance(mod, LoweredOp):
                 raise ArtifactError(f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
                                     f"fxquant's lowered ops")
             buffers = {}
@@ -215,7 +215,8 @@ def save(cm, directory: str | os.PathLike) -> Path:
     gm = cm.graph_module
     tensors: dict[str, torch.Tensor] = {}
     entries, modules = _graph_entries(gm, tensors)
-    code_bits = {f"{name}.codes": int(spec["attrs"]["bits"]) for name, spec in modules.items()}
+    code_bits = {f"{name}.codes": int(spec["attrs"]["bits"]) for name, spec in modules.items()
+                 if "bits" in spec["attrs"]}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -349,7 +350,7 @@ def _build_module(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> nn
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError):
         raise ArtifactError(f"module {name!r}: class {cls_path!r} does not exist in this fxquant") from None
-    if not (isinstance(cls, type) and issubclass(cls, _QWeightStore)):
+    if not (isinstance(cls, type) and issubclass(cls, LoweredOp)):
         raise ArtifactError(f"module {name!r}: {cls_path!r} is not a lowered fxquant op")
     mod = cls.__new__(cls)
     nn.Module.__init__(mod)
@@ -360,6 +361,8 @@ def _build_module(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> nn
             raise ArtifactError(f"module {name!r} needs tensor {tname!r}, which weights.bin lacks")
         mod.register_buffer(bname, None if tname is None else tensors[tname])
     mod.kernel, mod.backend = None, "reference"
+    if not isinstance(mod, _QWeightStore):
+        return mod
     try:
         qw = mod.qweight
         levels = 1 << qw.bits

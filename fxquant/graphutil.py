@@ -50,6 +50,16 @@ def replace_node(node: fx.Node, replacement: Any, pass_name: str, why: str) -> N
     node.graph.erase_node(node)
 
 
+def fresh_submodule_name(gm: torch.nn.Module, base: str) -> str:
+    """`base` with dots as underscores, suffixed _1, _2, ... until no attribute of gm has the name."""
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def remove_dead_nodes(gm: fx.GraphModule, pass_name: str) -> int:
     """Erase pure nodes (and get_attr reads) whose results nobody uses; returns how many."""
     removed = 0

@@ -12,13 +12,14 @@ Example:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qweight import QuantizedWeight, dequantize, reference_linear
+from .qweight import QuantizedWeight, dequantize, quantize_activation_per_row, reference_linear
 
 EPILOGUES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -31,7 +32,11 @@ def apply_epilogue(y: torch.Tensor, epilogue: str | None) -> torch.Tensor:
     return y if epilogue is None else EPILOGUES[epilogue](y)
 
 
-class _QWeightStore(nn.Module):
+class LoweredOp(nn.Module):
+    """Base of every module a lowered graph calls; artifacts store and load only these."""
+
+
+class _QWeightStore(LoweredOp):
     """Holds a QuantizedWeight's tensors as buffers (so state_dict and artifacts carry them)."""
 
     def _store(self, qw: QuantizedWeight) -> None:
@@ -142,7 +147,11 @@ class LowbitEmbedding(_QWeightStore):
         self.backend = "reference"
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        k = self.codes.shape[1]
+        k, gs = self.codes.shape[1], self.group_size
+        if self.table.shape[0] == 1 and k % gs == 0:  # one shared level table (uniform formats): 5 ops
+            levels = self.table[0][F.embedding(tokens, self.codes).long()]                   # [..., K] int8
+            scaled = levels.view(*tokens.shape, k // gs, gs).float() * F.embedding(tokens, self.scales)[..., None]
+            return scaled.view(*tokens.shape, k)
         codes = self.codes[tokens].long()                                   # [..., K]
         tabs = self.table_index[tokens].long().repeat_interleave(self.group_size, -1)[..., :k]
         scales = self.scales[tokens].repeat_interleave(self.group_size, -1)[..., :k]
@@ -151,3 +160,72 @@ class LowbitEmbedding(_QWeightStore):
     def extra_repr(self) -> str:
         n, k = self.codes.shape
         return f"{n} x {k}, bits={self.bits}, {self.scheme}/{self.granularity}, group={self.group_size}"
+
+
+class FusedAttention(LoweredOp):
+    """scaled_dot_product_attention(q, k, v, mask) as one op; a generated C kernel serves decode shapes.
+
+    The kernel runs when a call has at most `max_query_rows` query rows (decoding: one token, or a
+    short prompt) and skips keys whose mask entry is -inf, so a fixed-size KV cache costs only its
+    filled part. Longer queries (an encoder's self-attention) use torch's SDPA.
+
+    kv_int8=True (set by lower-attention for keys/values that are unmodified graph inputs, such as
+    Whisper's cross-attention cache): keys and values are used as per-row int8
+    (`quantize_activation_per_row`), converted once and reused while the same input tensor comes
+    back unmodified (same tensor object, same version counter), so each decode step reads a
+    quarter of the bytes. The reference path applies the same rounding.
+
+    Example:
+        >>> att = FusedAttention(head_dim=8)
+        >>> att(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)).shape
+        torch.Size([1, 2, 1, 8])
+    """
+
+    def __init__(self, head_dim: int, scale: float | None = None, max_query_rows: int = 16,
+                 kv_int8: bool = False):
+        super().__init__()
+        self.head_dim, self.scale, self.max_query_rows = head_dim, scale, max_query_rows
+        self.kv_int8 = kv_int8
+        self.kernel: Callable[..., torch.Tensor] | None = None  # set by codegen
+        self.backend = "reference"
+        self._kv_memo: dict[str, tuple] = {}
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        use_kernel = self.kernel is not None and q.shape[-2] <= self.max_query_rows and q.dtype == torch.float32
+        if not self.kv_int8:
+            if use_kernel:
+                return self.kernel(q, k, v, mask, self.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        (kq, ks), (vq, vs) = self._int8("k", k), self._int8("v", v)
+        if use_kernel:
+            return self.kernel(q, kq, vq, mask, self.scale, key_scale=ks, value_scale=vs)
+        return F.scaled_dot_product_attention(q, (kq.float() * ks).to(q.dtype), (vq.float() * vs).to(q.dtype),
+                                              attn_mask=mask, scale=self.scale)
+
+    def reference(self, q, k, v, mask=None) -> torch.Tensor:
+        if self.kv_int8:
+            (kq, ks), (vq, vs) = (quantize_activation_per_row(t) for t in (k, v))
+            k, v = (kq.float() * ks).to(q.dtype), (vq.float() * vs).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _int8(self, slot: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row int8 copy of `t`, reused while the same unmodified tensor (or view of it) comes back."""
+        base = t._base if t._base is not None else t
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+        memo = self.__dict__.setdefault("_kv_memo", {})  # artifacts rebuild ops without __init__
+        hit = memo.get(slot)
+        if hit is not None and hit[0]() is base and hit[1] == key:
+            return hit[2]
+        packed = quantize_activation_per_row(t)
+        memo[slot] = (weakref.ref(base), key, packed)  # one assignment: safe across threads
+        return packed
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_kv_memo"] = {}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, scale={self.scale}, max_query_rows={self.max_query_rows}, " \
+               f"kv_int8={self.kv_int8}, backend={self.backend}"

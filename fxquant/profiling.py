@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from . import ir
 from .graphutil import flat_inputs
-from .ops import is_lowered
+from .ops import LoweredOp
 
 
 class _TimedInterpreter(fx.Interpreter):
@@ -44,7 +44,7 @@ def _timed_forward(gm: fx.GraphModule, inputs: tuple) -> tuple[float, float]:
 
     hooks = []
     for mod in gm.modules():
-        if is_lowered(mod):
+        if isinstance(mod, LoweredOp):
             hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     try:
         start = time.perf_counter()
@@ -70,7 +70,7 @@ def profile(gm: fx.GraphModule, inputs: tuple, repeat: int = 5) -> dict[str, Any
     rows = []
     for name, ts in times.items():
         node = nodes[name]
-        kind = "kernel" if node.op == "call_module" and is_lowered(gm.get_submodule(node.target)) else "torch"
+        kind = "kernel" if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LoweredOp) else "torch"
         if node.op == "call_module" and node.target == "_guards_fn":
             kind = "guard"
         rows.append({"node": name, "module": node.meta.get(ir.MODULE, ""), "kind": kind,

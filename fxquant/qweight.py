@@ -170,3 +170,28 @@ def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, qw.codes.shape[0])
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """One QuantizedWeight whose rows are the rows of `parts` in order (same K, bits, group size, scheme).
+
+    Level tables shared by every part stay one table; otherwise the tables are stacked and each
+    part's table indices shifted. Example: the q/k/v projections of one attention block become a
+    single [3D, D] weight that one kernel call serves.
+    """
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.codes.shape[1], p.bits, p.group_size, p.scheme) != (first.codes.shape[1], first.bits,
+                                                                 first.group_size, first.scheme):
+            raise ValueError("concat_rows needs parts with equal K, bits, group_size and scheme")
+    if all(p.table.shape == first.table.shape and torch.equal(p.table, first.table) for p in parts):
+        table, index = first.table, torch.cat([p.table_index for p in parts])
+    else:
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + p.table.shape[0])
+        table = torch.cat([p.table for p in parts])
+        index = torch.cat([p.table_index + off for p, off in zip(parts, offsets)]).to(torch.int32)
+    granularity = first.granularity if all(p.granularity == first.granularity for p in parts) else "channel"
+    return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), table, index,
+                           torch.cat([p.scales for p in parts]), first.group_size, first.scheme, granularity)

@@ -46,8 +46,10 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple:
         if not isinstance(arg, (torch.Tensor, int, float, bool, type(None))):
             raise ConfigError(f"example_inputs[{i}] is a {type(arg).__name__}; fxquant accepts tensors and "
                               f"plain numbers/bools/None as positional arguments")
-        if isinstance(arg, torch.Tensor) and arg.is_floating_point() and not torch.isfinite(arg).all():
-            raise ConfigError(f"example_inputs[{i}] contains NaN or Inf; give finite example inputs")
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point() and (
+                torch.isnan(arg).any() or torch.isposinf(arg).any()):
+            raise ConfigError(f"example_inputs[{i}] contains NaN or +Inf; give finite example inputs "
+                              f"(-inf is allowed, as in additive attention masks)")
     return tuple(example_inputs)
 
 

@@ -57,6 +57,8 @@ class RangeObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        if not bool(torch.isfinite(x).all()):
+            x = x[torch.isfinite(x)]  # -inf entries of additive attention masks carry no range
         if x.numel() == 0:
             return
         self.min = min(self.min, x.min().item())

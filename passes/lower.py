@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.errors import ConfigError
+from fxquant.graphutil import fresh_submodule_name
 from fxquant.ops import LowbitConv, LowbitLinear, apply_epilogue
 from fxquant.qweight import QuantizedWeight, group_accumulators
 from fxquant.quantizers import nodes as qn
@@ -136,12 +137,7 @@ def make_op(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, epilogue: st
 
 
 def _submodule_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    base = (ir.module_of(node) or node.name).replace(".", "_")
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
+    return fresh_submodule_name(gm, ir.module_of(node) or node.name)
 
 
 def _drop_attr(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -108,27 +108,24 @@ class ResidualAttentionBlock(nn.Module):
             x = x + self.cross_attn(self.cross_attn_ln(x), xa)
         return x + self.mlp(self.mlp_ln(x))
 
-    def cached(self, x, mask, self_k, self_v, cross_k, cross_v):
-        """One step on head-major caches (B, H, T, dh); returns (x, k_new, v_new) with this step's (B, H, L, dh).
+    def cached(self, x, mask, self_kv, positions, cross_k, cross_v):
+        """One step on head-major caches; writes this step's keys/values into `self_kv` in place.
 
-        Self-attention runs over the old cache (`self_k`/`self_v`, read in place, never copied) and this
-        step's keys/values; `mask` is the additive (L, n_ctx + L) mask over [old cache, new tokens].
+        `self_kv` is this layer's (2, B, H, n_ctx, dh) cache; positions (L,) are the steps' slots, and
+        `mask` the additive (L, n_ctx) mask (-inf on slots a query must not see). Attention reads the
+        whole cache through the mask, so the cache is never copied or concatenated.
         """
         h = self.attn_ln(x)
         n_head = self.attn.n_head
         q = _heads(self.attn.query(h), n_head)
-        k_new = _heads(self.attn.key(h), n_head)
-        v_new = _heads(self.attn.value(h), n_head)
-        n_ctx = self_k.shape[-2]
-        scale = q.shape[-1] ** -0.5
-        scores = torch.cat([torch.matmul(q, self_k.transpose(-1, -2)), torch.matmul(q, k_new.transpose(-1, -2))], -1)
-        probs = torch.softmax((scores * scale + mask).float(), dim=-1).to(q.dtype)
-        att = torch.matmul(probs[..., :n_ctx], self_v) + torch.matmul(probs[..., n_ctx:], v_new)
+        self_kv.index_copy_(3, positions, torch.stack([_heads(self.attn.key(h), n_head),
+                                                       _heads(self.attn.value(h), n_head)]))
+        att = F.scaled_dot_product_attention(q, self_kv[0], self_kv[1], attn_mask=mask)
         x = x + self.attn.out(_merge_heads(att))
         h = self.cross_attn_ln(x)
         q = _heads(self.cross_attn.query(h), self.cross_attn.n_head)
         x = x + self.cross_attn.out(_merge_heads(F.scaled_dot_product_attention(q, cross_k, cross_v)))
-        return x + self.mlp(self.mlp_ln(x)), k_new, v_new
+        return x + self.mlp(self.mlp_ln(x))
 
 
 class AudioEncoder(nn.Module):
@@ -163,6 +160,7 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer))
         self.ln = nn.LayerNorm(n_state)
         self.register_buffer("mask", torch.full((n_ctx, n_ctx), float("-inf")).triu_(1), persistent=False)
+        self.register_buffer("slots", torch.arange(n_ctx), persistent=False)  # cache slot numbers
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.ln(x), self.token_embedding.weight.to(x.dtype).t()).float()
@@ -195,23 +193,18 @@ class TextDecoder(nn.Module):
 
         `cross_kv` comes from `cross_cache` (n_layer, 2, B, H, A, D/H) and `self_kv` from `empty_cache` or
         a previous step (n_layer, 2, B, H, n_text_ctx, D/H); entries at positions >= offset are ignored.
-        Returns ((B, L, n_vocab) logits, updated self_kv): a new tensor, written with one `index_copy`
-        (the input cache is not modified). `offset` is an int or a 0-dim int64 tensor.
+        The step writes its keys/values into `self_kv` in place (one `index_copy_` per layer, as a static
+        KV cache does) and returns ((B, L, n_vocab) logits, self_kv). `offset` is an int or a 0-dim
+        int64 tensor.
         """
         offset = offset if isinstance(offset, torch.Tensor) else torch.tensor(offset, dtype=torch.long)
-        steps = torch.arange(tokens.shape[-1], dtype=torch.long)
-        positions = offset + steps
-        n_ctx = self.positional_embedding.shape[0]
-        # attend to cached positions < offset and, among this step's tokens, to earlier-or-same ones
-        old = (torch.arange(n_ctx, dtype=torch.long) < offset)[None, :].expand(steps.shape[0], n_ctx)
-        allowed = torch.cat([old, steps[None, :] <= steps[:, None]], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=cross_kv.dtype).masked_fill(~allowed, float("-inf"))
+        positions = offset + torch.arange(tokens.shape[-1], dtype=torch.long)
+        # query i sees cache slots 0..positions[i]: the old cache and this step's earlier-or-same tokens
+        mask = torch.where(self.slots <= positions[:, None], 0.0, float("-inf")).to(cross_kv.dtype)
         x = self.token_embedding(tokens) + self.positional_embedding.index_select(0, positions)
-        new_kv = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.cached(x, mask, self_kv[i, 0], self_kv[i, 1], cross_kv[i, 0], cross_kv[i, 1])
-            new_kv.append(torch.stack([k, v]))
-        return self._logits(x), self_kv.index_copy(4, positions, torch.stack(new_kv))
+            x = block.cached(x, mask, self_kv[i], positions, cross_kv[i, 0], cross_kv[i, 1])
+        return self._logits(x), self_kv
 
 
 class DecoderStep(nn.Module):

@@ -91,3 +91,18 @@ def test_integer_accumulators_bit_exact(target, fmt, group):
     for m in (1, 3, 8, 61):
         x = make_input(m, 100, seed=m)
         assert torch.equal(kern(x), op.reference(x)), f"{kern.name} fmt={fmt} M={m}"
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+@pytest.mark.parametrize("epilogue", ["gelu", "silu", "relu"])
+def test_epilogue_functions_over_a_wide_range(target, epilogue):
+    """Zero activations leave y = epilogue(bias): the (vectorised) epilogue itself against torch."""
+    from fxquant.ops import EPILOGUES
+
+    op = make_linear(96, 32, 8, None, "sym", True, epilogue, 8)
+    op.bias = torch.cat([torch.linspace(-30, 30, 80), torch.tensor([0.0, -1e-6, 1e-6, -0.5, 0.5, 1.0, -1.0, 3.0,
+                                                                    -3.0, 6.0, -6.0, 12.0, -12.0, 88.0, -88.0, 1e-3])])
+    kern = compile_op(op, target)
+    y = kern(torch.zeros(3, 32))
+    want = EPILOGUES[epilogue](op.bias)[None].expand(3, -1)
+    torch.testing.assert_close(y, want, rtol=3e-6, atol=1e-6)

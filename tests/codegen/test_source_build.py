@@ -22,7 +22,7 @@ def test_avx512_source_is_specialized():
     assert name == "linear_avx512_w4g32"
     for line in ("#define FX_N 13", "#define FX_K 70", "#define FX_GS 32", "#define FX_G 3", "#define FX_GSP 32",
                  "#define FX_NB 1", "static const int8_t FX_LEVELS[1][FX_L] = {", SYM4,
-                 "_mm512_permutexvar_epi8", "_mm512_dpbusd_epi32", "fx_gelu(tmp[i])",
+                 "_mm512_permutexvar_epi8", "_mm512_dpbusd_epi32", "r = fx_gelu16(r)",
                  "_mm512_maskz_loadu_ps(k, bias + n0)"):
         assert line in src, line
     assert "_mm512_shuffle_epi8" not in src  # 2/4-bit shared tables: mask-free 64-entry vpermb

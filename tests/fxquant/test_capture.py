@@ -108,7 +108,8 @@ def test_untraceable_model_names_module_line_messages_and_remedies():
     (nn.Linear(4, 2), "oops", "example_inputs must be a tuple of tensors"),
     (nn.Linear(4, 2), ({"x": 1},), "example_inputs[0] is a dict"),
     (nn.Linear(4, 2), (torch.randn(3, 5),), "when run eagerly on the example inputs ((3, 5) float32)"),
-    (nn.Linear(4, 2), (torch.full((1, 4), float("nan")),), "NaN or Inf"),
+    (nn.Linear(4, 2), (torch.full((1, 4), float("nan")),), "NaN or +Inf"),
+    (nn.Linear(4, 2), (torch.full((1, 4), float("inf")),), "NaN or +Inf"),
 ])
 def test_bad_inputs_are_clear_errors(model, inputs, needle):
     with pytest.raises(fxquant.FxQuantError) as info:
