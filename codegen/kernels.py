@@ -60,35 +60,53 @@ class LinearKernel(_Kernel):
     """y = kernel(x) for x [..., K] (any float dtype); output keeps x's dtype."""
 
     def __init__(self, name: str, target: Target, source: str, lib: ctypes.CDLL, n: int, k: int,
-                 packed: Packed, bias: torch.Tensor | None, act_scale: torch.Tensor | None = None):
+                 packed: Packed, bias: torch.Tensor | None, act_scale: torch.Tensor | None = None,
+                 ln: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None), residual: bool = False):
         super().__init__(name, target, source)
         self.n, self.k, self.lib, self.packed, self.bias = n, k, lib, packed, bias
         self.act_scale = act_scale  # static (calibrated) activation scale; None = dynamic per row
         self.supports_static_act = act_scale is not None
+        self.ln, self.residual = ln, residual  # fused LayerNorm (weight, bias) and residual add
         self._fn = lib.fx_linear
-        self._fn.argtypes = [_VP, _I64, _VP, _INT, _VP]
+        self._fn.argtypes = [_VP, _I64, _VP, _INT, _VP, _VP]
         self._fn.restype = None
-        # self.packed / self.bias keep the blobs alive: the C side only receives this pointer array
-        self._blobs = (_VP * 7)(*[_ptr(t) for t in packed.tensors()], _ptr(bias), _ptr(act_scale))
+        # self.packed / self.bias / self.ln keep the blobs alive: the C side only receives this pointer array
+        self._blobs = (_VP * 9)(*[_ptr(t) for t in packed.tensors()], _ptr(bias), _ptr(act_scale),
+                                _ptr(ln[0]), _ptr(ln[1]))
         self._blobs_ptr = ctypes.addressof(self._blobs)
 
     def with_weights(self, packed: Packed) -> "LinearKernel":
         """Same compiled code, other packed weights of the same layout (e.g. benchmark copies)."""
         return LinearKernel(self.name, self.target, self.source, self.lib, self.n, self.k, packed, self.bias,
-                            self.act_scale)
+                            self.act_scale, self.ln, self.residual)
+
+    def _residual_ptr(self, residual: torch.Tensor | None, shape) -> int | None:
+        if not self.residual:
+            if residual is not None:
+                raise ValueError(f"{self.name}: this kernel has no fused residual add")
+            return None
+        want = tuple(shape[:-1]) + (self.n,)
+        if residual is None or tuple(residual.shape) != want or residual.dtype != torch.float32 \
+                or not residual.is_contiguous():
+            raise ValueError(f"{self.name}: needs a contiguous float32 residual of shape {want}, got "
+                             f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
+        return residual.data_ptr()
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.packed.tensors() if t is not None)
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """out: optional preallocated contiguous fp32 [M, N] (saves an allocation per call)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """out: optional preallocated contiguous fp32 [M, N] (saves an allocation per call);
+        residual: the [..., N] tensor a kernel with a fused residual add adds to its output."""
         if not self.runnable:
             self._check()
         shape = x.shape
+        res = self._residual_ptr(residual, shape) if (self.residual or residual is not None) else None
         if out is None and x.dtype == torch.float32 and shape[-1] == self.k and x.is_contiguous():
             # fast path (decode loops call this hundreds of times per token): no reshapes or copies
             y = torch.empty(shape[:-1] + (self.n,), dtype=torch.float32)
-            self._fn(x.data_ptr(), x.numel() // self.k, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr)
+            self._fn(x.data_ptr(), x.numel() // self.k, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr, res)
             return y
         if shape[-1] != self.k:
             raise ValueError(f"{self.name}: expected last dim {self.k}, got input of shape {tuple(shape)}")
@@ -102,7 +120,7 @@ class LinearKernel(_Kernel):
             raise ValueError(f"{self.name}: out must be a contiguous float32 [{m}, {self.n}] tensor")
         else:
             y = out
-        self._fn(x2.data_ptr(), m, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr)
+        self._fn(x2.data_ptr(), m, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr, res)
         if len(shape) != 2:
             y = y.view(*shape[:-1], self.n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -175,7 +193,9 @@ def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKern
     qw = op.qweight
     family = target.family
     info = analyze_tables(qw) if family == "avx512" and op.act_bits == 8 else None
-    name, src = render_linear(qw, family, op.bias is not None, op.epilogue, op.act_bits, target.name, info)
+    ln_eps, residual = getattr(op, "ln_eps", None), bool(getattr(op, "residual", False))
+    name, src = render_linear(qw, family, op.bias is not None, op.epilogue, op.act_bits, target.name, info,
+                              ln_eps=ln_eps, has_res=residual)
     if family == "avx512" and op.act_bits == 8:
         packed = pack_avx512(qw, info)
     else:
@@ -186,7 +206,10 @@ def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKern
     act_scale = None
     if getattr(op, "act_mode", "dynamic") == "static" and op.act_bits == 8:
         act_scale = op.act_scale.detach().float().reshape(1).clone()  # calibrated per-tensor int8 scale
-    return LinearKernel(name, target, src, lib, n, k, packed, bias, act_scale)
+    ln = (None, None)
+    if ln_eps is not None:
+        ln = tuple(None if t is None else t.detach().float().contiguous() for t in (op.ln_weight, op.ln_bias))
+    return LinearKernel(name, target, src, lib, n, k, packed, bias, act_scale, ln, residual)
 
 
 def compile_op(op, target: str | Target = "native", cache_dir: str | None = None) -> Callable:

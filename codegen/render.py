@@ -45,40 +45,50 @@ def render(template: str, **ctx) -> str:
     return environment().get_template(template).render(**ctx)
 
 
-def kernel_name(kind: str, target: str, qw: QuantizedWeight, act_bits: int | None) -> str:
-    """e.g. linear_avx512_w4g64 (g = group size, 'c' for per-channel), suffix _f32 for weight-only."""
+def kernel_name(kind: str, target: str, qw: QuantizedWeight, act_bits: int | None, ln: bool = False,
+                res: bool = False) -> str:
+    """e.g. linear_avx512_w4g64 (g = group size, 'c' for per-channel), suffix _f32 for weight-only,
+    _ln for a fused LayerNorm prologue, _res for a fused residual add."""
     k = qw.codes.shape[1]
     g = "c" if qw.group_size >= k else str(qw.group_size)
-    return f"{kind}_{target}_w{qw.bits}g{g}" + ("" if act_bits == 8 else "_f32")
+    return f"{kind}_{target}_w{qw.bits}g{g}" + ("" if act_bits == 8 else "_f32") + ("_ln" if ln else "") \
+        + ("_res" if res else "")
 
 
-def _base_context(qw: QuantizedWeight, gsp: int, has_bias: bool, epilogue: str | None) -> dict:
+def _base_context(qw: QuantizedWeight, gsp: int, has_bias: bool, epilogue: str | None,
+                  ln_eps: float | None = None, has_res: bool = False) -> dict:
     n, k = qw.codes.shape
     small = qw.table.numel() <= LITERAL_MAX_BYTES
     return dict(N=n, K=k, gs=qw.group_size, G=qw.num_groups, gsp=gsp, bits=qw.bits,
                 levels_literal=qw.table.tolist() if small else None, has_bias=has_bias,
-                epilogue=epilogue, n_tables=qw.table.shape[0])
+                epilogue=epilogue, n_tables=qw.table.shape[0],
+                ln_eps=None if ln_eps is None else repr(float(ln_eps)), has_res=has_res)
 
 
 def render_linear(qw: QuantizedWeight, family: str, has_bias: bool, epilogue: str | None,
                   act_bits: int | None, target_name: str | None = None,
-                  info: TableInfo | None = None) -> tuple[str, str]:
-    """(kernel name, C source) of a linear kernel for a template family ("avx512" or "portable")."""
-    name = kernel_name("linear", target_name or family, qw, act_bits)
+                  info: TableInfo | None = None, ln_eps: float | None = None,
+                  has_res: bool = False) -> tuple[str, str]:
+    """(kernel name, C source) of a linear kernel for a template family ("avx512" or "portable").
+
+    ln_eps: fuse a LayerNorm over the input rows (weight/bias passed as blobs 7 and 8); has_res: add a
+    residual tensor (the kernel's `res` argument) to the output."""
+    name = kernel_name("linear", target_name or family, qw, act_bits, ln_eps is not None, has_res)
+    fusion = dict(ln_eps=ln_eps, has_res=has_res)
     if act_bits is None:
-        ctx = _base_context(qw, qw.group_size, has_bias, epilogue)
+        ctx = _base_context(qw, qw.group_size, has_bias, epilogue, **fusion)
         return name, render("linear_f32.c.j2", name=name, **ctx)
     if act_bits != 8:
         raise UnsupportedOp(f"act_bits must be 8 or None, got {act_bits}")
     if family == "portable":
-        ctx = _base_context(qw, qw.group_size, has_bias, epilogue)
+        ctx = _base_context(qw, qw.group_size, has_bias, epilogue, **fusion)
         return name, render("linear_portable.c.j2", name=name, **ctx)
     info = info or analyze_tables(qw)
     if info.mode == "codebook" and qw.bits > 4:
         raise UnsupportedOp(f"{name}: the avx512 template serves {qw.bits}-bit per-row codebooks only for "
                             "bits <= 4; use target='portable' (or attach_kernels(..., fallback=True))")
     n, _ = qw.codes.shape
-    ctx = _base_context(qw, padded_group(qw.group_size, 16), has_bias, epilogue)
+    ctx = _base_context(qw, padded_group(qw.group_size, 16), has_bias, epilogue, **fusion)
     base = info.base.tolist()
     tidx = qw.table_index
     table_groups = 1 if bool((tidx == tidx[:, :1]).all()) else qw.num_groups

@@ -77,17 +77,48 @@ class _LowbitBase(_QWeightStore):
                 f"act_bits={self.act_bits}, epilogue={self.epilogue}, backend={self.backend}")
 
 
+def layer_norm_f64(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim computed in float64 and rounded to float32 once (the fused kernels' math)."""
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    var = (xd - mean).square().mean(-1, keepdim=True)
+    y = (xd - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
 class LowbitLinear(_LowbitBase):
-    """Quantized linear: y = epilogue(x @ W_hat^T + b)."""
+    """Quantized linear: y = epilogue(LN(x) @ W_hat^T + b) + residual.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    LN (a fused LayerNorm prologue, `fuse_layer_norm`) and the residual add (`residual = True`, the
+    residual passed as forward's second argument) are optional; passes fuse-layernorm and
+    fuse-residual set them so that one kernel call replaces three ops.
+    """
+
+    ln_eps: float | None = None   # class defaults: plain ops (and older artifacts) have no fusions
+    residual: bool = False
+
+    def fuse_layer_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+        self.register_buffer("ln_weight", None if weight is None else weight.detach().float().clone())
+        self.register_buffer("ln_bias", None if bias is None else bias.detach().float().clone())
+        self.ln_eps = float(eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None:
-            return self.kernel(x)
-        return self.reference(x)
+            if not self.residual:
+                return self.kernel(x)
+            return self.kernel(x, residual=residual.float().contiguous())
+        return self.reference(x, residual)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        y = reference_linear(x, self.qweight, self.bias, self.act_bits)
-        return apply_epilogue(y, self.epilogue).to(x.dtype)
+    def reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        h = x if self.ln_eps is None else layer_norm_f64(x, self.ln_weight, self.ln_bias, self.ln_eps)
+        y = apply_epilogue(reference_linear(h, self.qweight, self.bias, self.act_bits), self.epilogue)
+        if self.residual:
+            y = y + residual.float()
+        return y.to(x.dtype)
 
 
 class LowbitConv(_LowbitBase):

@@ -37,8 +37,8 @@ def _sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         mod = gm.get_submodule(node.target)
-        if type(mod) is not LowbitLinear:   # static-activation subclasses carry per-op input scales
-            continue
+        if type(mod) is not LowbitLinear or mod.ln_eps is not None or mod.residual:
+            continue  # static-activation subclasses carry per-op input scales; fused ops have own inputs
         groups.setdefault((node.args[0], _merge_key(mod)), []).append(node)
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 

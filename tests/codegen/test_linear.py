@@ -106,3 +106,30 @@ def test_epilogue_functions_over_a_wide_range(target, epilogue):
     y = kern(torch.zeros(3, 32))
     want = EPILOGUES[epilogue](op.bias)[None].expand(3, -1)
     torch.testing.assert_close(y, want, rtol=3e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+@pytest.mark.parametrize("case", [(40, 64, 4, 32, "sym", True, None, 8), (24, 70, 3, None, "row_cb", False, "gelu", 8),
+                                  (19, 96, 4, 32, "asym", True, None, None)], ids=str)
+@pytest.mark.parametrize("fusion", ["ln", "res", "ln+res"])
+def test_fused_layernorm_and_residual(target, case, fusion):
+    """LayerNorm prologue (float64 statistics) and residual add inside the kernel vs op.reference."""
+    n, k, bits, group, fmt, bias, epi, act = case
+    op = make_linear(n, k, bits, group, fmt, bias, epi, act)
+    gen = torch.Generator().manual_seed(3)
+    if "ln" in fusion:
+        op.fuse_layer_norm(torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) if bias else None, 1e-5)
+    op.residual = "res" in fusion
+    kern = compile_op(op, target)
+    assert ("_ln" in kern.name) == ("ln" in fusion) and ("_res" in kern.name) == ("res" in fusion)
+    for m in (1, 3, 61, 1500):
+        x = make_input(m, k, seed=m) * 3 + 1                            # rows with a mean and a scale to remove
+        res = torch.randn(m, n, generator=gen) if op.residual else None
+        y = kern(x, residual=res)
+        assert_close(y, op.reference(x, res), f"{kern.name} {fusion} M={m}")
+    if op.residual:
+        with pytest.raises(ValueError, match="contiguous float32 residual of shape"):
+            kern(x, residual=torch.randn(m, n + 1))
+    else:
+        with pytest.raises(ValueError, match="no fused residual add"):
+            kern(x, residual=torch.randn(m, n))
