@@ -28,7 +28,8 @@ from .registry import PassContext
 from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes
 
 HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
-QUANTIZE = "calibrate,sensitivity,assign-precision,quantize,tie-embeddings,lower,merge-siblings,fuse-layernorm,fuse-residual,lower-attention"
+QUANTIZE = ("calibrate,sensitivity,assign-precision,quantize,tie-embeddings,lower,merge-siblings,fuse-layernorm,"
+            "fuse-residual,lower-attention")
 VALID_BITS = (8, 4, 3, 2)
 SCHEMES = ("uniform", "codebook", "auto")
 EXTRA_OPTIONS = {

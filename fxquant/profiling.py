@@ -70,7 +70,8 @@ def profile(gm: fx.GraphModule, inputs: tuple, repeat: int = 5) -> dict[str, Any
     rows = []
     for name, ts in times.items():
         node = nodes[name]
-        kind = "kernel" if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LoweredOp) else "torch"
+        lowered = node.op == "call_module" and isinstance(gm.get_submodule(node.target), LoweredOp)
+        kind = "kernel" if lowered else "torch"
         if node.op == "call_module" and node.target == "_guards_fn":
             kind = "guard"
         rows.append({"node": name, "module": node.meta.get(ir.MODULE, ""), "kind": kind,

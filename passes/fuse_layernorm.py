@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
+from fxquant.graphutil import remove_dead_nodes
 from fxquant.ops import LowbitLinear
 from fxquant.registry import PassResult, register_pass
 
@@ -69,7 +70,7 @@ def fuse_layernorm(gm: fx.GraphModule, ctx) -> PassResult:
             ir.add_provenance(user, PASS, f"LayerNorm {node.name} (eps {eps}) fused as the kernel prologue")
         gm.graph.erase_node(node)
         fused += 1
-    gm.graph.eliminate_dead_code()
+    remove_dead_nodes(gm, PASS)  # the norms' weight/bias reads (in-place ops are never removed)
     gm.recompile()
     return PassResult(changed=fused > 0, message=f"{fused} LayerNorms fused into linear kernels"
                                                  + (f", {kept} kept (see provenance)" if kept else ""))
