@@ -20,6 +20,14 @@ from . import ir
 _SIDE_EFFECT_TAGS = {getattr(torch.Tag, "nondeterministic_seeded", None)}
 
 
+aten = torch.ops.aten
+# layout-only ops: views of their first argument at run time (reshape may copy, but never writes its input)
+LAYOUT_OPS = frozenset({aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+                        aten.reshape.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+                        aten.squeeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
+                        aten.detach.default, aten._unsafe_view.default})
+
+
 def is_pure(node: fx.Node) -> bool:
     """True when removing or evaluating the node early cannot change behaviour."""
     if node.op == "get_attr":

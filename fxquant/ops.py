@@ -231,13 +231,16 @@ class FusedAttention(LoweredOp):
         (kq, ks), (vq, vs) = self._int8("k", k), self._int8("v", v)
         if use_kernel:
             return self.kernel(q, kq, vq, mask, self.scale, key_scale=ks, value_scale=vs)
-        return F.scaled_dot_product_attention(q, (kq.float() * ks).to(q.dtype), (vq.float() * vs).to(q.dtype),
-                                              attn_mask=mask, scale=self.scale)
+        return self._sdpa_int8(q, (kq, ks), (vq, vs), mask)
 
     def reference(self, q, k, v, mask=None) -> torch.Tensor:
         if self.kv_int8:
-            (kq, ks), (vq, vs) = (quantize_activation_per_row(t) for t in (k, v))
-            k, v = (kq.float() * ks).to(q.dtype), (vq.float() * vs).to(q.dtype)
+            return self._sdpa_int8(q, quantize_activation_per_row(k), quantize_activation_per_row(v), mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _sdpa_int8(self, q, k8: tuple, v8: tuple, mask) -> torch.Tensor:
+        """torch SDPA on per-row int8 keys/values (q_int8, scale) dequantized to q's dtype."""
+        k, v = ((t.float() * s).to(q.dtype) for t, s in (k8, v8))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _int8(self, slot: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,15 +16,12 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.graphutil import drop_unused_attributes, insert_get_attr, is_pure, remove_dead_nodes, set_constant
+from fxquant.graphutil import (LAYOUT_OPS, drop_unused_attributes, insert_get_attr, is_pure, remove_dead_nodes,
+                               set_constant)
 from fxquant.registry import PassResult, register_pass
 
 
 aten = torch.ops.aten
-# layout-only ops are free at run time (views); materialising them would copy whole weights
-VIEW_OPS = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
-            aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.slice.Tensor,
-            aten.select.int, aten.alias.default, aten.detach.default, aten._unsafe_view.default}
 
 
 @dataclass
@@ -53,7 +50,7 @@ def const_fold(gm, ctx) -> PassResult:
     for node, result in list(values.items()):  # materialise only the frontier the runtime graph reads
         if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users):
             continue
-        if node.target in VIEW_OPS:
+        if node.target in LAYOUT_OPS:  # free at run time; materialising them would copy whole weights
             ir.add_provenance(node, "const-fold", "not folded: a free view of parameters (folding would copy them)")
             continue
         in_numel = sum(v.numel() for n in node.all_input_nodes if isinstance(v := values[n], torch.Tensor))

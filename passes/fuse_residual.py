@@ -21,7 +21,7 @@ PASS = "fuse-residual"
 ADD = torch.ops.aten.add.Tensor
 
 
-def _fusable_linear(gm: fx.GraphModule, node, add: fx.Node) -> bool:
+def _fusable_linear(gm: fx.GraphModule, node) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1 and len(node.args) == 1):
         return False
     mod = gm.get_submodule(node.target)
@@ -47,7 +47,7 @@ def fuse_residual(gm: fx.GraphModule, ctx) -> PassResult:
         if node.op != "call_function" or node.target is not ADD or len(node.args) != 2 or node.kwargs:
             continue
         for lin, other in ((node.args[1], node.args[0]), (node.args[0], node.args[1])):
-            if not (_fusable_linear(gm, lin, node) and isinstance(other, fx.Node) and order[other] < order[lin]
+            if not (_fusable_linear(gm, lin) and isinstance(other, fx.Node) and order[other] < order[lin]
                     and _same_shape(lin, other, node)):
                 continue
             gm.get_submodule(lin.target).residual = True

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.errors import ConfigError
-from fxquant.graphutil import fresh_submodule_name
+from fxquant.graphutil import LAYOUT_OPS, fresh_submodule_name
 from fxquant.ops import FusedAttention
 from fxquant.registry import PassResult, register_pass
 
@@ -35,8 +35,6 @@ SDPA = aten.scaled_dot_product_attention.default
 _ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
-VIEW_OPS = {aten.select.int, aten.slice.Tensor, aten.view.default, aten.transpose.int, aten.unsqueeze.default,
-            aten.expand.default, aten.permute.default, aten.alias.default, aten.squeeze.dim}
 KV_FORMATS = ("int8", "float32")
 
 
@@ -48,7 +46,7 @@ class LowerAttentionOptions:
 
 def _input_root(node) -> fx.Node | None:
     """The placeholder a tensor is a pure view of (select/slice/view/transpose... chains), else None."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEW_OPS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT_OPS:
         node = node.args[0]
     return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
 
