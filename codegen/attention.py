@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import struct
 import threading
 from functools import lru_cache
 
 import torch
 
-from .build import build_library
 from .kernels import _Kernel
 from .render import UnsupportedOp, render
 from .targets import Target, resolve_target
+from .threadpool import load_kernel_library, num_threads, wait_policy
 
-# B*H*Lq*Lk*D multiply-adds below which one thread runs (measured on 2 Zen 4 cores): waking OpenMP workers
-# costs ~1-2 us when they spin (libgomp's default) but tens of us with OMP_WAIT_POLICY=passive.
+# B*H*Lq*Lk*D multiply-adds below which one thread runs: waking a pool helper costs ~1-2 us while it still
+# spins (threadpool.DEFAULT_SPIN_US after its last job) but tens of us once it sleeps (OMP_WAIT_POLICY=passive).
 PAR_MIN_WORK = 1 << 18
 PAR_MIN_WORK_PASSIVE = 1 << 20
 # B, H, Lq, Lk, strides (B, H, L, D) of q, k, v, mask strides (B, H, Lq), par_min; int8: + scale strides (B, H, L)
@@ -71,7 +70,7 @@ class AttentionKernel(_Kernel):
         self.head_dim, self.lib, self.kv_dtype = head_dim, lib, kv_dtype
         self._kv = KV_DTYPES[kv_dtype]
         self.default_scale = 1.0 / math.sqrt(head_dim)
-        passive = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+        passive = wait_policy()[1] == 0
         self.par_min = PAR_MIN_WORK_PASSIVE if passive else PAR_MIN_WORK  # 0 = always split across threads
         self._fn = lib.fx_attention
         scales = [_VP, _VP] if self._kv is _I8 else []  # int8: key_scale, value_scale
@@ -188,7 +187,7 @@ class AttentionKernel(_Kernel):
         if kv is _F32:
             _DIMS.pack_into(buf, 0, b, h, lq, lk, *qs, *ks, *vs, *ms, self.par_min)
             self._fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(), addr,
-                     torch.get_num_threads(), scale)
+                     num_threads(), scale)
             return out
         try:  # any strides; the size-1 last axis has none that matters
             kss, vss = key_scale.stride(), value_scale.stride()
@@ -200,14 +199,15 @@ class AttentionKernel(_Kernel):
         _DIMS8.pack_into(buf, 0, b, h, lq, lk, *qs, *ks, *vs, *ms, self.par_min, kss[0], kss[1], kss[2], vss[0],
                          vss[1], vss[2])
         self._fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(), addr,
-                 torch.get_num_threads(), scale, key_scale.data_ptr(), value_scale.data_ptr())
+                 num_threads(), scale, key_scale.data_ptr(), value_scale.data_ptr())
         return out
 
 
 @lru_cache(maxsize=None)
 def _build(head_dim: int, target: Target, cache_dir: str | None, kv_dtype: str) -> AttentionKernel:
     name, src = render_attention(head_dim, target, kv_dtype)
-    return AttentionKernel(name, target, src, build_library(src, name, target.flags, cache_dir), head_dim, kv_dtype)
+    lib = load_kernel_library(src, name, target.flags, cache_dir)
+    return AttentionKernel(name, target, src, lib, head_dim, kv_dtype)
 
 
 def attention_kernel(head_dim: int, target: str | Target = "native", cache_dir: str | None = None,

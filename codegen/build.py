@@ -3,7 +3,10 @@
 The cache key is sha256(source + flags + compiler version); a library whose key is already in the
 cache directory (env FXQUANT_CACHE_DIR, default ~/.cache/fxquant) is loaded without running the
 compiler.  Every file is written to a temporary name and renamed, so a crash never leaves a
-half-written library behind.
+half-written library behind.  Each library has a sidecar `<lib>.sha256` written after it: a cached
+library is used only when its bytes match the sidecar, otherwise (truncated, replaced, no sidecar)
+it is rebuilt.  A compiler that produces no valid shared object (e.g. CC=/bin/true) is a
+BuildError, and nothing is cached.
 
 Example:
     >>> lib = build_library("int fx_one(void) { return 1; }", "demo", ("-O2", "-fPIC", "-shared"))  # doctest: +SKIP
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,13 +26,19 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from fxquant.errors import FxQuantError
+
 _LOCK = threading.Lock()
+_NAME = re.compile(r"[A-Za-z0-9_]{1,120}\Z")
+_ELF_MAGIC = b"\x7fELF"
 _LOADED: dict[str, ctypes.CDLL] = {}
-STATS = {"compiles": 0, "cache_hits": 0}
+STATS = {"compiles": 0, "cache_hits": 0, "rebuilt": 0}
 
 
-class BuildError(RuntimeError):
-    """The C compiler is missing or failed; the message says which compiler and what to do."""
+class BuildError(FxQuantError, RuntimeError):
+    """The C compiler is missing or failed; the message says which compiler and what to do.
+
+    An FxQuantError, so the CLI reports it as an error (exit code 2) instead of a traceback."""
 
 
 def find_compiler() -> str:
@@ -82,15 +92,55 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+def _sidecar(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified(lib: Path) -> bool:
+    """True when `lib` exists and its bytes match the sha256 recorded beside it at build time."""
+    try:
+        recorded = _sidecar(lib).read_text().split()[0]
+        return lib.is_file() and not lib.is_symlink() and _file_sha256(lib) == recorded
+    except (OSError, IndexError):
+        return False
+
+
+def _check_library(path: Path, cc: str, cmd: list[str]) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head != _ELF_MAGIC:
+        raise BuildError(f"C compiler {cc} reported success but wrote no shared library "
+                         f"({' '.join(cmd)}); set CC to a working C compiler (gcc or clang)")
+
+
 def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | None = None) -> Path:
-    """Return the path of the compiled library for `source`, compiling only on a cache miss."""
+    """Return the path of the compiled library for `source`, compiling only on a cache miss.
+
+    `name` (letters, digits and _) becomes part of the file name. A cached library whose bytes do
+    not match its recorded sha256 is rebuilt.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BuildError(f"kernel name {name!r} must be 1-120 letters, digits or _ (it names a file in the cache)")
     cc = find_compiler()
     key = source_key(source, flags, cc)
     d = cache_dir(cache)
     lib = d / f"{name}_{key}.so"
-    if lib.exists():
-        STATS["cache_hits"] += 1
-        return lib
+    if lib.exists() or lib.is_symlink():
+        if verified(lib):
+            STATS["cache_hits"] += 1
+            return lib
+        STATS["rebuilt"] += 1  # truncated, replaced or unrecorded: never trusted
     src = d / f"{name}_{key}.c"
     atomic_write(src, source)
     fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".so", dir=d)
@@ -102,7 +152,11 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
             raise BuildError(f"C compiler {cc} failed on {src} (exit {res.returncode}):\n"
                              f"{' '.join(cmd)}\n{res.stderr[-4000:]}\nFix the template, or use "
                              f"target=\"portable\" / target=\"reference\".")
+        _check_library(Path(tmp), cc, cmd)
+        digest = _file_sha256(Path(tmp))
+        _sidecar(lib).unlink(missing_ok=True)
         os.replace(tmp, lib)
+        atomic_write(_sidecar(lib), f"{digest}  {lib.name}\n")
         STATS["compiles"] += 1
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -110,11 +164,17 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
 
 
 def load_library(path: Path) -> ctypes.CDLL:
-    """ctypes-load a library once per process."""
+    """ctypes-load a library once per process; one that cannot be loaded is removed from the cache."""
     key = str(path)
     with _LOCK:
         if key not in _LOADED:
-            _LOADED[key] = ctypes.CDLL(key)
+            try:
+                _LOADED[key] = ctypes.CDLL(key)
+            except OSError as exc:
+                Path(path).unlink(missing_ok=True)
+                _sidecar(Path(path)).unlink(missing_ok=True)
+                raise BuildError(f"cannot load compiled kernel {path} ({exc}); it was removed from the cache, "
+                                 f"build again") from None
         return _LOADED[key]
 
 

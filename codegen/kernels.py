@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
 from fxquant.qweight import dequantize
 
-from .build import build_library
+from .threadpool import load_kernel_library, num_threads
 from .packing import Packed, analyze_tables, pack_avx512, pack_portable
 from .render import LITERAL_MAX_BYTES, UnsupportedOp, render_conv_grouped, render_linear
 from .targets import Target, resolve_target
@@ -64,6 +64,7 @@ class LinearKernel(_Kernel):
                  ln: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None), residual: bool = False):
         super().__init__(name, target, source)
         self.n, self.k, self.lib, self.packed, self.bias = n, k, lib, packed, bias
+        self.packed_codes = packed.packed_codes  # every code: the op keeps this copy instead of its own
         self.act_scale = act_scale  # static (calibrated) activation scale; None = dynamic per row
         self.supports_static_act = act_scale is not None
         self.ln, self.residual = ln, residual  # fused LayerNorm (weight, bias) and residual add
@@ -106,7 +107,7 @@ class LinearKernel(_Kernel):
         if out is None and x.dtype == torch.float32 and shape[-1] == self.k and x.is_contiguous():
             # fast path (decode loops call this hundreds of times per token): no reshapes or copies
             y = torch.empty(shape[:-1] + (self.n,), dtype=torch.float32)
-            self._fn(x.data_ptr(), x.numel() // self.k, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr, res)
+            self._fn(x.data_ptr(), x.numel() // self.k, y.data_ptr(), num_threads(), self._blobs_ptr, res)
             return y
         if shape[-1] != self.k:
             raise ValueError(f"{self.name}: expected last dim {self.k}, got input of shape {tuple(shape)}")
@@ -120,7 +121,7 @@ class LinearKernel(_Kernel):
             raise ValueError(f"{self.name}: out must be a contiguous float32 [{m}, {self.n}] tensor")
         else:
             y = out
-        self._fn(x2.data_ptr(), m, y.data_ptr(), torch.get_num_threads(), self._blobs_ptr, res)
+        self._fn(x2.data_ptr(), m, y.data_ptr(), num_threads(), self._blobs_ptr, res)
         if len(shape) != 2:
             y = y.view(*shape[:-1], self.n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -132,6 +133,7 @@ class Im2colConvKernel(_Kernel):
     def __init__(self, op: LowbitConv, linear: LinearKernel):
         super().__init__(linear.name.replace("linear_", "conv_im2col_", 1), linear.target, linear.source)
         self.op, self.linear = op, linear
+        self.packed_codes = linear.packed_codes
         self.supports_static_act = linear.supports_static_act
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +177,7 @@ class GroupedConvKernel(_Kernel):
         b, _, h, w = x4.shape
         oh, ow = self.out_hw(h, w)
         y = torch.empty(b, self.cout, oh, ow, dtype=torch.float32)
-        self._fn(x4.data_ptr(), b, h, w, y.data_ptr(), torch.get_num_threads(), self._w.data_ptr(), _ptr(self._b))
+        self._fn(x4.data_ptr(), b, h, w, y.data_ptr(), num_threads(), self._w.data_ptr(), _ptr(self._b))
         return (y if self.dims == 2 else y.squeeze(2)).to(x.dtype)
 
 
@@ -200,7 +202,7 @@ def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKern
         packed = pack_avx512(qw, info)
     else:
         packed = pack_portable(qw, literal_levels=qw.table.numel() <= LITERAL_MAX_BYTES)
-    lib = build_library(src, name, target.flags, cache_dir)
+    lib = load_kernel_library(src, name, target.flags, cache_dir)
     n, k = qw.codes.shape
     bias = None if op.bias is None else op.bias.float().contiguous()
     act_scale = None
@@ -227,7 +229,7 @@ def compile_op(op, target: str | Target = "native", cache_dir: str | None = None
         name = f"conv_{t.name}_g{op.groups}_w{op.bits}"
         src = render_conv_grouped(name, op.qweight, op.weight_shape, op.stride, op.padding, op.dilation,
                                   op.groups, op.bias is not None, op.epilogue)
-        return GroupedConvKernel(name, t, src, build_library(src, name, t.flags, cache_dir), op)
+        return GroupedConvKernel(name, t, src, load_kernel_library(src, name, t.flags, cache_dir), op)
     if isinstance(op, LowbitLinear):
         return build_linear(op, t, cache_dir)
     if isinstance(op, FusedAttention):

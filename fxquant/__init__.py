@@ -34,6 +34,7 @@ _EXPORTS = {
     "ConfigError": "fxquant.errors",
     "ArtifactError": "fxquant.errors",
     "load": "fxquant.artifact",
+    "transcribe": "fxquant.asr",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -22,10 +22,11 @@ from torch import nn
 
 from .tracing import capture, check_inputs, eval_mode
 from .errors import ConfigError
+from .memory import trim_heap
 from .passmanager import PassManager
 from .pipeline import Pipeline
 from .registry import PassContext
-from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes
+from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes, unquantized_weight_warning
 
 HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
 QUANTIZE = ("calibrate,sensitivity,assign-precision,quantize,tie-embeddings,lower,merge-siblings,fuse-layernorm,"
@@ -35,6 +36,8 @@ SCHEMES = ("uniform", "codebook", "auto")
 EXTRA_OPTIONS = {
     "group_size": "group size along K for per-group formats (default 64; 32/64/128)",
     "act_bits": "8 (dynamic per-token int8, default) or None (float activations)",
+    "kv_bits": "8 (attention keys/values that are constant graph inputs kept as per-row int8, default) or None "
+               "(float32)",
     "gptq": "error-compensating rounding from calibration statistics (default False)",
     "dump_mode": "'all' | 'changed' | 'failure' (default 'all' when dump_dir is set)",
     "capture_method": "'auto' | 'export' | 'symbolic'",
@@ -66,14 +69,18 @@ def compile_lowbit(model: nn.Module, example_inputs: Any, bits: int | None = Non
     example_inputs = check_inputs(model, example_inputs)
     _check_options(bits, avg_bits, budget_bytes, scheme, rules, target, options)
     _check_finite_weights(model)
+    target = _fallback_target(target, options)
     dump_dir = dump_dir or os.environ.get("FXQUANT_DUMP") or None
-    pipeline = Pipeline.coerce(passes if passes is not None else default_pipeline(target))
+    pipeline = Pipeline.coerce(passes if passes is not None else _with_fallback(default_pipeline(target), options))
     config = {"bits": bits, "avg_bits": avg_bits, "budget_bytes": budget_bytes, "scheme": scheme,
               "rules": rules, "target": target, **options}
     calib = _materialize_calibration(calibration, options.get("max_calibration", 64))
     if submodules:
-        return _compile_submodules(model, example_inputs, submodules, calib, pipeline, config, dump_dir)
-    return _compile_graph(model, example_inputs, calib, pipeline, config, dump_dir)
+        result = _compile_submodules(model, example_inputs, submodules, calib, pipeline, config, dump_dir)
+    else:
+        result = _compile_graph(model, example_inputs, calib, pipeline, config, dump_dir)
+    trim_heap()   # give the compile's freed temporaries (calibration statistics, candidates) back to the OS
+    return result
 
 
 def _compile_graph(model, example_inputs, calibration, pipeline, config, dump_dir, name="") -> CompiledModule:
@@ -84,9 +91,15 @@ def _compile_graph(model, example_inputs, calibration, pipeline, config, dump_di
     pm = PassManager(pipeline, dump_dir=sub_dir, dump_mode=config.get("dump_mode", "all"))
     with eval_mode(model):
         gm = pm.run(gm, ctx)
-    return CompiledModule(gm, pipeline=str(pipeline), timings=pm.timings, config=config,
-                          signature=_signature(model), name=name, fp32_bytes=tensor_bytes(model),
-                          example_inputs=example_inputs)
+    cm = CompiledModule(gm, pipeline=str(pipeline), timings=pm.timings, config=config,
+                        signature=_signature(model), name=name, fp32_bytes=tensor_bytes(model),
+                        example_inputs=example_inputs)
+    kept = unquantized_weight_warning(cm.report_rows())
+    if kept:
+        import warnings
+
+        warnings.warn(f"compile_lowbit{f' ({name})' if name else ''}: {kept}", stacklevel=3)
+    return cm
 
 
 def _signature(model: nn.Module):
@@ -120,9 +133,82 @@ def _check_options(bits, avg_bits, budget_bytes, scheme, rules, target, options)
     if not isinstance(target, str):
         raise ConfigError(f"target must be a string such as 'native', 'avx512', 'avx2', 'portable' or "
                           f"'reference', got {target!r}")
+    if target not in TARGET_NAMES:
+        raise ConfigError(f"target must be one of {TARGET_NAMES}, got {target!r}")
+    if rules is not None:
+        from .rules import parse_rules
+
+        parse_rules(rules)  # structure and values now; matching against module names after capture
+    for key, (ok, want) in OPTION_CHECKS.items():
+        if key in options and not ok(options[key]):
+            raise ConfigError(f"{key} must be {want}, got {options[key]!r}")
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24
+
+
+TARGET_NAMES = ("native", "avx512", "avx2", "portable", "reference")
+OPTION_CHECKS = {
+    "group_size": (_positive_int, "a positive integer (e.g. 32, 64, 128)"),
+    "act_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
+    "kv_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
+    "act_mode": (lambda v: v in ("dynamic", "static"), "'dynamic' or 'static'"),
+    "symmetric": (_is_bool, "True or False"),
+    "gptq": (_is_bool, "True or False"),
+    "fallback": (_is_bool, "True or False"),
+    "progress": (_is_bool, "True or False"),
+    "tie_siblings": (_is_bool, "True or False"),
+    "dump_mode": (lambda v: v in ("all", "changed", "failure"), "'all', 'changed' or 'failure'"),
+    "capture_method": (lambda v: v in ("auto", "export", "symbolic"), "'auto', 'export' or 'symbolic'"),
+    "max_calibration": (_positive_int, "a positive integer"),
+    "depthwise_bits": (lambda v: v is None or (v in VALID_BITS and not isinstance(v, bool)),
+                       f"None or one of {VALID_BITS}"),
+}
+
+
+def _fallback_target(target: str, options: dict) -> str:
+    """fallback=True without a C compiler: compile for the reference path, with a warning."""
+    if target == "reference" or not options.get("fallback"):
+        return target
+    from .codegen.build import BuildError, find_compiler
+
+    try:
+        find_compiler()
+    except BuildError as exc:
+        import warnings
+
+        warnings.warn(f"fallback=True: {exc} Compiling for target='reference' (the PyTorch reference path, "
+                      f"no generated kernels) instead.", stacklevel=3)
+        return "reference"
+    return target
+
+
+def _with_fallback(pipeline: str, options: dict) -> str:
+    """The default pipeline with codegen{fallback=true} when fallback=True (ops a target cannot serve)."""
+    if options.get("fallback") and pipeline.endswith(",codegen"):
+        return pipeline + "{fallback=true}"
+    if options.get("fallback") and ",codegen{" in pipeline and pipeline.endswith("}"):
+        return pipeline[:-1] + ",fallback=true}"
+    return pipeline
 
 
 def _check_finite_weights(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "cpu":
+            raise ConfigError(f"{name} is on device {t.device}; fxquant compiles CPU models: load real weights "
+                              f"on the CPU (model.to('cpu'), or load_state_dict(..., assign=True) for a meta model)")
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) and isinstance(weight, torch.Tensor) \
+                and weight.numel() == 0:
+            raise ConfigError(f"module {name!r} ({type(mod).__name__}) has an empty weight of shape "
+                              f"{tuple(weight.shape)}; a layer with no inputs or outputs cannot be quantized: "
+                              f"remove it from the model")
     tensors = [(n, t, torch.isfinite) for n, t in model.named_parameters()] + \
               [(n, t, lambda v: ~torch.isnan(v)) for n, t in model.named_buffers()]  # buffers may hold -inf masks
     for name, t, ok in tensors:

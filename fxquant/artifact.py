@@ -1,14 +1,16 @@
-"""Compiled artifacts: `CompiledModule.save(dir)` and `fxquant.load(dir)`, with no pickle anywhere.
+"""Compiled artifacts: `CompiledModule.save(dir)` and `fxquant.load(dir)`, with no pickle and no trust.
 
-Layout of an artifact directory:
-    manifest.json   versions, pipeline, target, per-node decisions, the graph as JSON data,
-                    every tensor's dtype/shape/offset/sha256, every file's sha256
-    weights.bin     all tensors (packed codes, tables, scales, float weights), raw little-endian
+Layout of an artifact folder:
+    manifest.json   versions, pipeline, target, the graph as JSON data, the lowered ops' attributes,
+                    every tensor's dtype/shape/offset, every file's sha256, the inputs' spec
+    weights.bin     all tensors (packed codes, tables, scales, float weights, self-test data), raw
+                    little-endian, each at a 64-byte aligned offset
     forward.py      the generated Python forward (for people; never executed on load)
-    kernels/*.c     the generated C kernels (rebuilt for the loading host through the build cache)
+    kernels/*.c     the generated C kernels (for people; load renders its own from checked values)
 
-Loading resolves call targets only from an allow-list (ATen ops, `operator`, fxquant's lowered ops),
-checks every checksum and shape, and raises ArtifactError naming what is wrong.
+The manifest is untrusted data (fxquant/artifact_schema.py): identifiers, enums, ranges, an op
+allow-list, paths inside the folder. The rebuilt graph is then run on fake tensors at the recorded
+shapes and on the stored example inputs before it is returned (fxquant/artifact_check.py).
 
 Example:
     >>> cm.save("out/digits-w4")                     # doctest: +SKIP
@@ -16,14 +18,9 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib
-import json
-import operator
+import inspect
+import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,413 +29,303 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import __version__, ir
+from . import ir
+from . import artifact_schema as S
+from .artifact_check import abstract_run, self_test
+from .artifact_files import (FORMAT, TENSOR_FILES, pack_codes, packed_nbytes, read_blob, sha256_file,
+                             tensor_from_blob, unpack_codes)
+from .artifact_manifest import FORMAT_VERSION, check_graph_data, check_header, read_manifest
+from .artifact_modules import build_module, check_consistency, module_attrs, module_buffers
+from .artifact_ops import resolve_target
+from .artifact_save import save
 from .errors import ArtifactError
-from .ops import LoweredOp, _QWeightStore
+from .input_spec import InputSpec
 
-FORMAT = "fxquant-artifact"
-FORMAT_VERSION = 1
-_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
-                                                      torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                      torch.int64, torch.bool)}
-_SKIP_ATTRS = {"training", "kernel", "backend"}
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "pack_codes", "unpack_codes"]
 
 
-# ---------------------------------------------------------------------------------------- encoding
-def _encode(value: Any, where: str) -> Any:
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else {"float": repr(value)}
-    if isinstance(value, (list, tuple)):
-        items = [_encode(v, where) for v in value]
-        return items if isinstance(value, list) else {"tuple": items}
-    if isinstance(value, torch.dtype):
-        return {"dtype": str(value).replace("torch.", "")}
-    if isinstance(value, torch.device):
-        return {"device": str(value)}
-    if isinstance(value, (torch.memory_format, torch.layout)):
-        return {"torch": str(value).replace("torch.", "")}
-    raise ArtifactError(f"{where}: cannot store an argument of type {type(value).__name__} in an artifact")
-
-
-def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "node" in value:
-        if value["node"] not in nodes:
-            raise ArtifactError(f"graph refers to node {value['node']!r} before defining it")
-        return nodes[value["node"]]
-    if "tuple" in value:
-        return tuple(_decode(v, nodes) for v in value["tuple"])
-    if "float" in value:
-        return float(value["float"])
-    if "dtype" in value:
-        return _dtype(value["dtype"])
-    if "device" in value:
-        return torch.device(value["device"])
-    if "torch" in value and value["torch"] in ("contiguous_format", "channels_last", "preserve_format", "strided"):
-        return getattr(torch, value["torch"])
-    raise ArtifactError(f"unknown encoded value {value!r}")
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ArtifactError(f"unsupported tensor dtype {name!r}")
-    return _DTYPES[name]
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return f"torch.ops.{t.namespace}.{t._schema.name.split('::')[1]}.{t._overloadname}"
-    if getattr(t, "__module__", None) in ("_operator", "operator") and hasattr(operator, t.__name__):
-        return f"operator.{t.__name__}"
-    raise ArtifactError(f"node {node.name!r} calls {t!r}, which artifacts cannot store (only ATen ops, "
-                        f"operator functions and fxquant ops); keep such code outside the compiled graph")
-
-
-def _resolve_target(name: str) -> Any:
-    parts = name.split(".")
-    if parts[:3] == ["torch", "ops", "aten"] and len(parts) == 5:
-        try:
-            return getattr(getattr(torch.ops.aten, parts[3]), parts[4])
-        except AttributeError:
-            raise ArtifactError(f"unknown ATen op {name!r} (artifact from another torch version?)") from None
-    if parts[0] == "operator" and len(parts) == 2 and hasattr(operator, parts[1]):
-        return getattr(operator, parts[1])
-    raise ArtifactError(f"call target {name!r} is not allowed in an artifact")
-
-
-def _meta(node: fx.Node) -> dict[str, Any]:
-    m = node.meta
-    d = m.get(ir.DECISION)
-    stats = {k: (float(v) if isinstance(v, (int, float)) else v)
-             for k, v in (m.get(ir.QUANT_STATS) or {}).items() if isinstance(v, (int, float, str, type(None)))}
-    return {"module": m.get(ir.MODULE, ""), "module_type": m.get(ir.MODULE_TYPE, ""), "source": m.get(ir.SOURCE, ""),
-            "provenance": list(m.get(ir.PROVENANCE, ())), "shape": m.get(ir.SHAPE), "dtype": m.get(ir.DTYPE),
-            "decision": dataclasses.asdict(d) if d is not None else None, "quant_stats": stats}
-
-
-def _restore_meta(node: fx.Node, data: dict[str, Any]) -> None:
-    node.meta[ir.MODULE] = data.get("module", "")
-    node.meta[ir.MODULE_TYPE] = data.get("module_type", "")
-    node.meta[ir.SOURCE] = data.get("source", "")
-    node.meta[ir.PROVENANCE] = tuple(data.get("provenance", ()))
-    if data.get("shape") is not None:
-        node.meta[ir.SHAPE] = tuple(data["shape"])
-    if data.get("dtype"):
-        node.meta[ir.DTYPE] = data["dtype"]
-    if data.get("decision"):
-        node.meta[ir.DECISION] = ir.QuantDecision(**data["decision"])
-    if data.get("quant_stats"):
-        node.meta[ir.QUANT_STATS] = dict(data["quant_stats"])
-
-
-def _plain_attrs(module: nn.Module) -> dict[str, Any]:
-    """The module's own plain attributes; one that cannot be stored is an error, not silently dropped."""
-    return {key: _encode(value, f"{type(module).__name__} attribute {key!r}") for key, value in vars(module).items()
-            if not key.startswith("_") and key not in _SKIP_ATTRS}
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
-    """b-bit codes -> a little-endian bit stream (8 codes fill `bits` bytes)."""
-    flat = codes.reshape(-1).to(torch.int64)
-    groups = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).view(-1, 8)
-    if bits == 8:
-        return bytes(groups.to(torch.uint8).contiguous().untyped_storage())
-    word = (groups << (bits * torch.arange(8))).sum(1)                 # 8*bits <= 56 bits
-    out = ((word[:, None] >> (8 * torch.arange(bits))) & 0xFF).to(torch.uint8)
-    return bytes(out.contiguous().untyped_storage())
-
-
-def unpack_codes(data: bytes, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of pack_codes: uint8 codes, `numel` of them."""
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
-    if bits == 8:
-        return raw[:numel].to(torch.uint8)
-    word = (raw.view(-1, bits) << (8 * torch.arange(bits))).sum(1)
-    codes = (word[:, None] >> (bits * torch.arange(8))) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# -------------------------------------------------------------------------------------------- save
-def _graph_entries(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple[list, dict]:
-    entries, modules = [], {}
-    for node in gm.graph.nodes:
-        target: Any = node.target
-        if node.op == "call_module":
-            if node.target == "_guards_fn":
-                continue  # torch.export's shape guards: generated code, rebuilt as input checks on load
-            mod = gm.get_submodule(node.target)
-            if not isinstance(mod, LoweredOp):
-                raise ArtifactError(f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
-                                    f"fxquant's lowered ops")
-            buffers = {}
-            for bname, buf in mod._buffers.items():
-                buffers[bname] = None if buf is None else f"{node.target}.{bname}"
-                if buf is not None:
-                    tensors[f"{node.target}.{bname}"] = buf
-            modules[node.target] = {"class": f"{type(mod).__module__}.{type(mod).__qualname__}",
-                                    "attrs": _plain_attrs(mod), "buffers": buffers}
-        elif node.op == "get_attr":
-            tensors[node.target] = ir.get_attr_value(gm, node.target)
-        elif node.op == "call_function":
-            target = _target_name(node)
-        where = f"node {node.name!r}"
-        entries.append({"name": node.name, "op": node.op, "target": target,
-                        "args": _encode(node.args, where),
-                        "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()}, "meta": _meta(node)})
-    return entries, modules
-
-
-def _codegen_info(gm: fx.GraphModule) -> dict | None:
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None:
-        return None
-    return {"orig_args": list(info.orig_args),
-            "in_spec": pytree.treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-            "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
-
-
-def save(cm, directory: str | os.PathLike) -> Path:
-    """Write `cm` (a CompiledModule) to `directory` atomically (a temp folder renamed into place)."""
-    directory = Path(directory)
-    gm = cm.graph_module
-    tensors: dict[str, torch.Tensor] = {}
-    entries, modules = _graph_entries(gm, tensors)
-    code_bits = {f"{name}.codes": int(spec["attrs"]["bits"]) for name, spec in modules.items()
-                 if "bits" in spec["attrs"]}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        table, offset, seen = {}, 0, {}
-        with open(tmp / "weights.bin", "wb") as blob:
-            for name, t in tensors.items():
-                key = (t.data_ptr(), tuple(t.shape), t.dtype, tuple(t.stride()))
-                if key in seen:  # shared by two modules (tied embedding + projection): stored once
-                    table[name] = {"alias": seen[key]}
-                    continue
-                seen[key] = name
-                bits = code_bits.get(name)
-                if bits is not None:
-                    data = pack_codes(t, bits)
-                else:
-                    data = bytes(t.detach().cpu().clone().contiguous().untyped_storage()) if t.numel() else b""
-                blob.write(data)
-                table[name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
-                               "offset": offset, "nbytes": len(data), **({"bits": bits} if bits else {})}
-                offset += len(data)
-        (tmp / "forward.py").write_text(gm.code)
-        target = cm.config.get("target", "native")
-        if modules and target != "reference":
-            try:
-                from .codegen import attach_kernels
-
-                attach_kernels(gm, target=target, fallback=bool(cm.config.get("fallback")), out_dir=tmp / "kernels")
-            except Exception as exc:  # sources are documentation; the artifact stays valid without them
-                (tmp / "kernels.txt").write_text(f"kernel sources not written: {exc}\n")
-        files = {p.relative_to(tmp).as_posix(): _sha256(p.read_bytes()) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        sig = getattr(cm, "_signature", None)
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "fxquant_version": __version__,
-            "torch_version": torch.__version__, "pipeline": cm.pipeline, "target": target, "name": cm.name,
-            "config": json.loads(json.dumps(cm.config, default=str)), "fp32_bytes": cm.fp32_bytes,
-            "signature": list(sig.parameters) if sig is not None else None,
-            "decisions": [{k: v for k, v in r.items()} for r in cm.report_rows()],
-            "graph": {"nodes": entries, "codegen": _codegen_info(gm)}, "modules": modules, "tensors": table,
-            "files": files,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        os.chmod(tmp, 0o755)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+def _restore_meta(node: fx.Node, m: dict[str, Any]) -> None:
+    node.meta[ir.MODULE], node.meta[ir.MODULE_TYPE] = m["module"], m["module_type"]
+    node.meta[ir.SOURCE], node.meta[ir.PROVENANCE] = m["source"], m["provenance"]
+    if m["shape"] is not None:
+        node.meta[ir.SHAPE] = m["shape"]
+    if m["dtype"]:
+        node.meta[ir.DTYPE] = m["dtype"]
+    if m["decision"]:
+        node.meta[ir.DECISION] = ir.QuantDecision(**m["decision"])
+    if m["quant_stats"]:
+        node.meta[ir.QUANT_STATS] = m["quant_stats"]
 
 
 # -------------------------------------------------------------------------------------------- load
-def _read_manifest(directory: Path) -> dict:
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise ArtifactError(f"{directory} has no manifest.json: not an fxquant artifact "
-                            f"(create one with compiled.save(dir))")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is corrupt ({exc}); re-save the artifact") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not an fxquant artifact manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{directory} uses artifact format {manifest.get('format_version')}, this fxquant "
-                            f"reads format {FORMAT_VERSION}; recompile the model with this version")
-    for key in ("graph", "modules", "tensors", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks {key!r}: truncated or tampered")
-    return manifest
+def _check_files(directory: Path, files: dict) -> None:
+    for rel, digest in files.items():
+        if rel in TENSOR_FILES:
+            continue  # hashed while it is read
+        if sha256_file(directory, rel) != digest:
+            raise ArtifactError(f"{directory}/{rel} does not match its checksum in manifest.json: the file is "
+                                f"corrupted or was modified; re-save the artifact")
 
 
-def _check_files(directory: Path, manifest: dict) -> None:
-    for rel, digest in manifest["files"].items():
-        path = directory / rel
-        if not path.is_file():
-            raise ArtifactError(f"{directory} is missing {rel}; the artifact is incomplete")
-        if _sha256(path.read_bytes()) != digest:
-            raise ArtifactError(f"{path} does not match its checksum in manifest.json: the file is corrupted or "
-                                f"was modified; re-save the artifact")
-    if "weights.bin" not in manifest["files"]:
-        raise ArtifactError("manifest.json does not list weights.bin: tampered artifact")
-
-
-def _load_tensors(directory: Path, table: dict) -> dict[str, torch.Tensor]:
-    blob = (directory / "weights.bin").read_bytes()
-    out = {}
+def _load_tensors(directory: Path, table: Any, files: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the table, read from weights.bin / selftest.bin (each read once, checked against its hash)."""
+    S.want_dict(table, "tensors", free_keys=True)
+    specs = {}
     for name, spec in table.items():
-        if "alias" in spec:
-            if spec["alias"] not in out:
-                raise ArtifactError(f"tensor {name!r} aliases {spec['alias']!r}, which is not stored before it")
-            out[name] = out[spec["alias"]]
+        where = f"tensors.{S.dotted(name, 'tensors key')}"
+        if isinstance(spec, dict) and "alias" in spec:
+            S.want_dict(spec, where, required=("alias",))
+            if not isinstance(spec["alias"], str) or spec["alias"] not in specs or "alias" in specs[spec["alias"]]:
+                raise S.fail(where, f"aliases {str(spec['alias'])[:80]!r}, which is not a tensor stored before it")
+            specs[name] = spec
             continue
-        dtype, shape = _dtype(spec["dtype"]), spec["shape"]
-        numel = 1
-        for d in shape:
-            numel *= int(d)
+        S.want_dict(spec, where, required=("dtype", "shape", "offset", "nbytes"), optional=("bits", "file"))
+        file = S.want_enum(spec.get("file", "weights.bin"), TENSOR_FILES, f"{where}.file")
+        if file not in files:
+            raise S.fail(f"{where}.file", f"{file} is not listed in files")
+        dtype, shape = S.dtype(spec["dtype"], f"{where}.dtype"), S.shape(spec["shape"], f"{where}.shape")
         bits = spec.get("bits")
-        if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 8 or dtype != torch.uint8):
-            raise ArtifactError(f"tensor {name!r} has an invalid code width {bits!r}: tampered artifact")
-        nbytes = (-(-numel // 8) * bits) if bits else numel * torch.empty((), dtype=dtype).element_size()
-        off = int(spec["offset"])
-        if nbytes != spec["nbytes"] or off < 0 or off + nbytes > len(blob):
-            raise ArtifactError(f"tensor {name!r} {shape} {spec['dtype']} does not fit weights.bin: truncated or "
-                                f"tampered artifact")
-        if bits:
-            t = unpack_codes(blob[off:off + nbytes], bits, numel)
-        else:
-            t = torch.frombuffer(bytearray(blob[off:off + nbytes]), dtype=dtype) if nbytes else \
-                torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(shape)
-    return out
+        if bits is not None and (S.want_int(bits, f"{where}.bits", 2, 8) and dtype != torch.uint8):
+            raise S.fail(f"{where}.bits", "only uint8 codes are bit-packed")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = packed_nbytes(math.prod(shape), bits, itemsize)
+        offset = S.want_int(spec["offset"], f"{where}.offset", 0)
+        if S.want_int(spec["nbytes"], f"{where}.nbytes", 0) != nbytes or offset % itemsize:
+            raise S.fail(where, f"{list(shape)} {spec['dtype']} needs {nbytes} bytes at an aligned offset")
+        specs[name] = dict(spec, dtype=dtype, shape=shape, nbytes=nbytes, offset=offset, file=file)
+    out: dict[str, torch.Tensor] = {}
+    for file in TENSOR_FILES:
+        mine = {n: s for n, s in specs.items() if s.get("file") == file}
+        if not mine:
+            continue
+        blob = read_blob(directory, file, files[file])
+        if sum(s["nbytes"] for s in mine.values()) > blob.numel():
+            raise S.fail("tensors", f"claim more bytes than {file} holds: truncated or tampered artifact")
+        for name, s in mine.items():
+            if s["offset"] + s["nbytes"] > blob.numel():
+                raise S.fail(f"tensors.{name}", f"does not fit {file}: truncated or tampered artifact")
+            out[name] = tensor_from_blob(blob, s["offset"], s["nbytes"], s["dtype"], s["shape"], s.get("bits"))
+        del blob
+    for name, s in specs.items():
+        if "alias" in s:
+            out[name] = out[s["alias"]]
+    return {name: out[name] for name in specs}
 
 
-def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    owner = root
+def _build_modules(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, set[str]]:
+    root, owned = nn.Module(), set()
+    for name, spec in m["modules"].items():
+        where = f"modules.{name}"
+        cls = spec["class"]
+        attrs = module_attrs(cls, spec["attrs"], f"{where}.attrs")
+        refs = module_buffers(cls, spec["buffers"], f"{where}.buffers")
+        bufs = {}
+        for key, ref in refs.items():
+            if ref is not None and ref not in tensors:
+                raise S.fail(f"{where}.buffers.{key}", f"names tensor {ref[:80]!r}, which weights.bin lacks")
+            bufs[key] = None if ref is None else tensors[ref]
+            owned.add(ref)
+        code_spec = m["tensors"].get(refs.get("codes") or "", {})
+        check_consistency(cls, attrs, bufs, where, code_spec.get("bits") if isinstance(code_spec, dict) else None)
+        root.add_module(name, build_module(cls, attrs, bufs))
+    return root, owned
+
+
+def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor, modules: dict) -> None:
     *path, attr = dotted.split(".")
-    for part in path:
-        if part not in owner._modules:
-            owner.add_module(part, nn.Module())
-        owner = owner._modules[part]
-    owner.register_buffer(attr, value)
-
-
-def _build_module(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    cls_path = spec.get("class", "")
-    mod_name, _, cls_name = cls_path.rpartition(".")
-    if not mod_name.startswith("fxquant."):
-        raise ArtifactError(f"module {name!r} has class {cls_path!r}; only fxquant's lowered ops may be loaded")
+    if (path or [attr])[0] in modules:
+        raise S.fail(f"tensors.{dotted}", "a graph constant cannot live inside a lowered op")
+    owner = root
     try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError):
-        raise ArtifactError(f"module {name!r}: class {cls_path!r} does not exist in this fxquant") from None
-    if not (isinstance(cls, type) and issubclass(cls, LoweredOp)):
-        raise ArtifactError(f"module {name!r}: {cls_path!r} is not a lowered fxquant op")
-    mod = cls.__new__(cls)
-    nn.Module.__init__(mod)
-    for key, value in spec.get("attrs", {}).items():
-        setattr(mod, key, _decode(value, {}))
-    for bname, tname in spec.get("buffers", {}).items():
-        if tname is not None and tname not in tensors:
-            raise ArtifactError(f"module {name!r} needs tensor {tname!r}, which weights.bin lacks")
-        mod.register_buffer(bname, None if tname is None else tensors[tname])
-    mod.kernel, mod.backend = None, "reference"
-    if not isinstance(mod, _QWeightStore):
-        return mod
-    try:
-        qw = mod.qweight
-        levels = 1 << qw.bits
-        if qw.codes.numel() == 0 or int(qw.codes.max()) >= levels or int(qw.table_index.min()) < 0 or \
-                int(qw.table_index.max()) >= qw.table.shape[0]:
-            raise ValueError("codes or table indices out of range")
-    except (ValueError, AttributeError, RuntimeError, TypeError) as exc:
-        raise ArtifactError(f"module {name!r} holds an invalid quantized weight ({exc}): tampered artifact") from None
-    return mod
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]
+        owner.register_buffer(attr, value)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise S.fail(f"tensors.{dotted}", f"cannot be attached ({exc})") from None
 
 
-def _build_graph(manifest: dict, root: nn.Module) -> fx.GraphModule:
+def _build_graph(m: dict, root: nn.Module, constants: set[str]) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """The GraphModule, and each node's output shape as recorded at save time (for the abstract run)."""
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
-    for entry in manifest["graph"]["nodes"]:
-        op, target = entry["op"], entry["target"]
-        if op not in ("placeholder", "get_attr", "call_function", "call_module", "output"):
-            raise ArtifactError(f"node {entry.get('name')!r} has unknown op {op!r}")
-        if op == "call_function":
-            target = _resolve_target(target)
-        args = _decode(entry["args"], nodes)
-        kwargs = {k: _decode(v, nodes) for k, v in entry["kwargs"].items()}
+    shapes: dict[str, Any] = {}
+    entries = m["graph"]["nodes"]
+    placeholders = []
+    for i, entry in enumerate(entries):
+        where = f"graph.nodes[{i}]"
+        S.want_dict(entry, where, required=("name", "op", "target", "args", "kwargs", "meta", "out_shape"))
+        name = S.ident(entry["name"], f"{where}.name")
+        op = S.want_enum(entry["op"], ("placeholder", "get_attr", "call_function", "call_module", "output"),
+                         f"{where}.op")
+        if name in nodes:
+            raise S.fail(f"{where}.name", f"{name!r} is defined twice")
+
+        def lookup(ref: str, where=where) -> fx.Node:
+            if ref not in nodes:
+                raise S.fail(where, f"refers to node {ref!r} before defining it")
+            return nodes[ref]
+
+        args = S.decode_arg(entry["args"], f"{where}.args", lookup)
+        kwargs = {S.ident(k, f"{where}.kwargs key"): S.decode_arg(v, f"{where}.kwargs.{k}", lookup)
+                  for k, v in S.want_dict(entry["kwargs"], f"{where}.kwargs", free_keys=True).items()}
+        if not isinstance(args, tuple):
+            raise S.fail(f"{where}.args", "node arguments are a tuple")
         if op == "output":
+            if i != len(entries) - 1 or len(args) != 1 or kwargs:
+                raise S.fail(where, "the output node comes last and takes one value")
             graph.output(args[0])
-            continue
-        node = graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
-        _restore_meta(node, entry.get("meta", {}))
-        nodes[entry["name"]] = node
-    info = manifest["graph"].get("codegen")
-    if info:
-        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+            break
+        target = entry["target"]
+        if op != "call_function" and not isinstance(target, str):
+            raise S.fail(f"{where}.target", f"a {op} target is a name, got {type(target).__name__}")
+        if op == "call_function":
+            target = resolve_target(target, f"{where}.target")
+        elif op == "placeholder":
+            S.ident(target, f"{where}.target")
+            if len(args) > 1 or kwargs or (args and args[0] is not None):
+                raise S.fail(where, "a placeholder takes no arguments")
+            placeholders.append(target)
+        elif op == "get_attr" and (target not in constants or args or kwargs):
+            raise S.fail(f"{where}.target", f"{str(target)[:80]!r} is not a stored graph constant")
+        elif op == "call_module" and target not in m["modules"]:
+            raise S.fail(f"{where}.target", f"{str(target)[:80]!r} is not a lowered op of this artifact")
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        _restore_meta(node, S.node_meta(entry["meta"], f"{where}.meta"))
+        out_shape = entry["out_shape"]
+        shapes[node.name] = None if out_shape is None else list(S.shape(out_shape, f"{where}.out_shape", 16))
+        nodes[name] = node
+    else:
+        raise S.fail("graph.nodes", "has no output node")
+    _pytree_codegen(graph, m["graph"]["codegen"], placeholders)
+    return fx.GraphModule(root, graph), shapes
 
-        in_spec = pytree.treespec_loads(info["in_spec"]) if info["in_spec"] else None
-        out_spec = pytree.treespec_loads(info["out_spec"]) if info["out_spec"] else None
-        graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info["orig_args"], in_spec, out_spec))
-    gm = fx.GraphModule(root, graph)
-    if info:
-        gm._in_spec, gm._out_spec = graph._codegen.pytree_info.in_spec, graph._codegen.pytree_info.out_spec
-    return gm
+
+def _pytree_codegen(graph: fx.Graph, info: Any, placeholders: list[str]) -> None:
+    if info is None:
+        return
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    S.want_dict(info, "graph.codegen", required=("orig_args", "in_spec", "out_spec"))
+    orig = [S.ident(a, "graph.codegen.orig_args") for a in S.want_list(info["orig_args"], "graph.codegen.orig_args")]
+    specs = []
+    for key in ("in_spec", "out_spec"):
+        text = S.want_text(info[key], f"graph.codegen.{key}", 1_000_000)
+        try:
+            specs.append(pytree.treespec_loads(text))
+        except Exception as exc:
+            missing = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"manifest.json graph.codegen.{key} cannot be read ({missing}). If it names a type "
+                                f"from another library (e.g. a transformers ModelOutput), import that library "
+                                f"before fxquant.load so that it registers the type with torch's pytree; "
+                                f"otherwise the artifact is tampered") from None
+    in_spec, out_spec = specs
+    if in_spec.num_leaves != len(placeholders):
+        raise S.fail("graph.codegen.in_spec", f"has {in_spec.num_leaves} leaves for {len(placeholders)} inputs")
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(orig, in_spec, out_spec))
 
 
-def load(directory: str | os.PathLike, target: str | None = None):
-    """Load an artifact written by `save`; kernels are rebuilt (or fetched from the cache) for this host."""
-    import inspect
+def _input_spec(m: dict, gm: fx.GraphModule) -> tuple[InputSpec, list[dict]]:
+    items = S.input_specs(m["inputs"], "inputs")
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if [it["name"] for it in items] != names:
+        raise S.fail("inputs", f"names {[it['name'] for it in items][:8]} do not match the graph inputs {names[:8]}")
+    for i, it in enumerate(items):
+        if it["kind"] == "tensor":
+            ex = S.shape(m["inputs"][i].get("example"), f"inputs[{i}].example", 16)
+            if len(ex) != len(it["shape"]) or any(w is not None and w != d for w, d in zip(it["shape"], ex)):
+                raise S.fail(f"inputs[{i}].example", f"{list(ex)} does not fit the shape {list(it['shape'])}")
+            it["example"] = ex
+    spec = InputSpec([{k: v for k, v in it.items() if k != "example"} for it in items],
+                     getattr(gm, "_in_spec", None))
+    return spec, items
 
+
+def _selftest_data(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[list, list] | None:
+    st = m["selftest"]
+    if st is None:
+        return None
+    S.want_dict(st, "selftest", required=("inputs", "outputs"))
+    out = []
+    for key in ("inputs", "outputs"):
+        names = S.want_list(st[key], f"selftest.{key}", 4096)
+        if not all(isinstance(n, str) and n in tensors for n in names):
+            raise S.fail(f"selftest.{key}", "names tensors weights.bin lacks")
+        out.append([tensors[n] for n in names])
+    return out[0], out[1]
+
+
+def load(directory: str | os.PathLike, target: str | None = None, model: nn.Module | None = None,
+         check: bool = True):
+    """Load an artifact written by `save`; kernels are rendered and built (or fetched from the cache) here.
+
+    target: "native" (default for native artifacts), "avx512", "avx2", "portable" or "reference".
+    model: for an artifact saved from compile_lowbit(..., submodules=...), the float model whose
+    submodules the compiled parts replace. check=False skips the abstract run and the self-test
+    (faster; only for artifacts you wrote yourself: the schema checks still run).
+    """
     from .runtime import CompiledModule
 
     directory = Path(directory)
-    manifest = _read_manifest(directory)
-    _check_files(directory, manifest)
-    tensors = _load_tensors(directory, manifest["tensors"])
-    root = nn.Module()
-    for name, spec in manifest["modules"].items():
-        root.add_module(name, _build_module(name, spec, tensors))
-    owned = {t for spec in manifest["modules"].values() for t in spec.get("buffers", {}).values() if t}
-    for name, t in tensors.items():
-        if name not in owned:
-            _set_tensor(root, name, t)
+    manifest = read_manifest(directory)
+    if manifest.get("kind") == "submodules":
+        from .artifact_parts import load_parts
+
+        return load_parts(directory, manifest, target=target, model=model, check=check)
+    if target is not None:
+        S.want_enum(target, S.TARGETS, "load(target=...)")
+    check_header(manifest, directory)
+    check_graph_data(manifest)
+    _check_files(directory, manifest["files"])
+    tensors = _load_tensors(directory, manifest["tensors"], manifest["files"])
+    root, owned = _build_modules(manifest, tensors)
+    selftest = _selftest_data(manifest, tensors)
+    skip = owned | set(manifest["selftest"]["inputs"] + manifest["selftest"]["outputs"] if selftest else ())
+    constants = {name for name in tensors if name not in skip}
+    for name in constants:
+        _set_tensor(root, name, tensors[name], manifest["modules"])
     try:
-        gm = _build_graph(manifest, root)
-        gm.graph.lint()
+        gm, shapes = _build_graph(manifest, root, constants)
         ir.verify(gm)
     except ArtifactError:
         raise
     except Exception as exc:
-        raise ArtifactError(f"the graph in {directory}/manifest.json is invalid ({exc}): tampered artifact") from None
-    params = manifest.get("signature")
-    sig = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params]) \
-        if params else None
-    saved_target = manifest.get("target", "native")
+        raise ArtifactError(f"the graph in {directory}/manifest.json is invalid ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}): tampered artifact") from None
+    spec, items = _input_spec(manifest, gm)
+    if check:
+        abstract_run(gm, items, expected=shapes)
+    sig = _signature(manifest["signature"])
+    saved_target = manifest["target"]
     target = target or (saved_target if saved_target in ("reference", "portable") else "native")
-    config = dict(manifest.get("config", {}), target=target)
-    cm = CompiledModule(gm, pipeline=manifest.get("pipeline", ""), config=config, signature=sig,
-                        name=manifest.get("name", ""), fp32_bytes=manifest.get("fp32_bytes"))
+    config = dict(manifest["config"], target=target)
+    cm = CompiledModule(gm, pipeline=manifest["pipeline"], config=config, signature=sig, name=manifest["name"],
+                        fp32_bytes=manifest["fp32_bytes"], input_spec=spec)
     if manifest["modules"] and target != "reference":
-        from .codegen import attach_kernels
+        _attach(gm, target, bool(config.get("fallback")))
+    if check and selftest is not None:
+        self_test(cm, *selftest)
+    from .memory import trim_heap
 
-        attach_kernels(gm, target=target, fallback=bool(config.get("fallback")))
+    tensors = selftest = None  # noqa: F841 - drop the loader's unpacked codes, then give the freed pages back
+    trim_heap()
     return cm
+
+
+def _signature(params: list[str] | None) -> inspect.Signature | None:
+    if not params:
+        return None
+    if len(set(params)) != len(params):
+        raise S.fail("signature", "repeats a parameter name")
+    return inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params])
+
+
+def _attach(gm: fx.GraphModule, target: str, fallback: bool) -> None:
+    from .codegen import UnsupportedOp, attach_kernels
+
+    try:
+        attach_kernels(gm, target=target, fallback=fallback)
+    except UnsupportedOp as exc:
+        raise ArtifactError(f"this artifact cannot run on target {target!r} ({exc}); load it with "
+                            f"target='portable' or target='reference'") from None

@@ -1,6 +1,7 @@
-"""Audio I/O and features in pure torch: WAV loading, windowed-sinc resampling, log-mel.
+"""Audio I/O (soundfile/libsndfile, soxr) and features in torch: windowed-sinc resampling, log-mel.
 
 Example:
+    >>> x16k = load_audio("speech.flac")            # doctest: +SKIP
     >>> x, sr = load_wav("0_george_0.wav")          # doctest: +SKIP
     >>> x16 = resample(x, sr, 16000)                 # doctest: +SKIP
     >>> feats = LogMel()(x16)                        # (1, 1, 40, frames), BC-ResNet settings
@@ -8,40 +9,86 @@ Example:
 from __future__ import annotations
 
 import math
-import wave
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
+import soxr
 import torch
 from torch import nn
 
-__all__ = ["load_wav", "resample", "hz_to_mel", "mel_to_hz", "mel_filterbank", "log_mel", "LogMel"]
+from fxquant.errors import AudioError, AudioNotFoundError, ConfigError
+
+__all__ = ["load_audio", "load_wav", "SUPPORTED_FORMATS", "resample", "hz_to_mel", "mel_to_hz", "mel_filterbank",
+           "log_mel", "LogMel"]
+
+
+SUPPORTED_FORMATS = ("WAV (8/16/24/32-bit PCM, float), FLAC, OGG (Vorbis, Opus), MP3, AIFF "
+                     "and the other libsndfile formats")
+MAX_AUDIO_SECONDS = 4 * 3600        # a longer file is refused before it is decoded into memory
+
+
+def _read_mono(path, max_seconds: float = MAX_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
+    """Decode any libsndfile format to float32 mono samples and the file's sample rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioNotFoundError(f"audio file not found: {path}; check the path"
+                                 + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        info = sf.info(str(path))
+        if info.samplerate <= 0 or info.channels <= 0:
+            raise AudioError(f"{path}: header declares {info.samplerate} Hz and {info.channels} channels")
+        if info.frames > max_seconds * info.samplerate:
+            raise AudioError(f"{path}: {info.frames / info.samplerate:.0f} s of audio exceeds the limit of "
+                             f"{max_seconds:.0f} s; split the file first")
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, AudioError):
+            raise
+        raise AudioError(f"{path}: not a readable audio file ({exc}); formats that work: {SUPPORTED_FORMATS}") from exc
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no samples; pass a file with audio in it")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{path}: the samples contain NaN or infinity; re-export the file as PCM WAV or FLAC")
+    return np.ascontiguousarray(mono, dtype=np.float32), int(sr)
 
 
 def load_wav(path) -> tuple[torch.Tensor, int]:
-    """Read a 16-bit PCM WAV into a mono float tensor in [-1, 1] and its sample rate.
+    """Read an audio file (any format `load_audio` reads) into a mono float tensor in [-1, 1] and its sample rate.
 
-    Multi-channel files are averaged to mono.
+    Multi-channel files are averaged to mono; the sample rate is the file's own (no resampling).
 
     Example:
         >>> x, sr = load_wav("clip.wav")   # doctest: +SKIP
         >>> x.dtype, x.dim(), sr
         (torch.float32, 1, 8000)
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"WAV file not found: {path}")
-    try:
-        with wave.open(str(path), "rb") as w:
-            width, channels, sr, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except wave.Error as exc:
-        raise ValueError(f"{path}: not a PCM WAV file ({exc}); convert it to 16-bit PCM WAV") from exc
-    if width != 2:
-        raise ValueError(f"{path}: {8 * width}-bit samples are not supported; convert to 16-bit PCM WAV")
-    data = torch.frombuffer(bytearray(raw), dtype=torch.int16).to(torch.float32) / 32768.0
-    if channels > 1:
-        data = data[: (data.numel() // channels) * channels].view(-1, channels).mean(dim=1)
-    return data, sr
+    data, sr = _read_mono(path)
+    return torch.from_numpy(data), sr
+
+
+def load_audio(path, sample_rate: int = 16000, *, quality: str = "HQ",
+               max_seconds: float = MAX_AUDIO_SECONDS) -> torch.Tensor:
+    """Read an audio file as float32 mono samples at `sample_rate` (1-D tensor).
+
+    Decoding is libsndfile's (through soundfile): WAV of any PCM width or float, FLAC, OGG, MP3, ...
+    Channels are averaged; other rates are resampled with soxr at `quality` ("HQ" or "VHQ").
+    A missing path raises AudioNotFoundError; an unreadable, empty or over-long file raises AudioError.
+
+    Example:
+        >>> x = load_audio("speech_44k_stereo.flac")   # doctest: +SKIP
+        >>> x.dtype, x.dim()                           # doctest: +SKIP
+        (torch.float32, 1)
+    """
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ConfigError(f"sample_rate must be a positive int, got {sample_rate!r}")
+    if quality not in ("QQ", "LQ", "MQ", "HQ", "VHQ"):
+        raise ConfigError(f"quality must be one of QQ, LQ, MQ, HQ, VHQ (soxr presets), got {quality!r}")
+    data, sr = _read_mono(path, max_seconds)
+    if sr != sample_rate:
+        data = soxr.resample(data, sr, sample_rate, quality=quality).astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(data))
 
 
 def _sinc_kernel(orig: int, new: int, width: int, rolloff: float, beta: float) -> tuple[torch.Tensor, int]:

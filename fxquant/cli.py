@@ -43,6 +43,10 @@ def _compile_from_args(args):
 
 
 def cmd_compile(args) -> int:
+    from .asr.cli import cmd_compile_whisper, is_whisper
+
+    if is_whisper(args.model):
+        return cmd_compile_whisper(args)
     _, _, cm = _compile_from_args(args)
     print(cm.report(passes=True))
     if getattr(args, "out", None):
@@ -110,6 +114,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .asr.cli import cmd_eval_whisper, is_whisper
     from .datasets import shared_dir
     from .errors import ConfigError
     from .evaluate import evaluate_digits, evaluate_keywords, render
@@ -117,7 +122,9 @@ def cmd_eval(args) -> int:
     if shared_dir() is None:
         raise ConfigError("fxquant eval needs ../shared (FSDD recordings) beside the repository, or "
                           "FXQUANT_SHARED pointing at it")
-    variants = args.variants.split(",")
+    if is_whisper(args.model):
+        return cmd_eval_whisper(args)
+    variants = (args.variants or "fp32,torch-int8,W8A8,W4,mixed-4.0,mixed-3.0").split(",")
     if args.model == "digits":
         rows = evaluate_digits(args.n, variants, target=args.target)
         title = f"digit recognizer, {args.n} connected-digit strings from FSDD test takes"
@@ -132,15 +139,16 @@ def cmd_eval(args) -> int:
 
 def cmd_transcribe(args) -> int:
     import fxquant
-    from .audio import load_wav, resample
+    from .asr.cli import cmd_transcribe_whisper, is_whisper
+    from .audio import load_audio
     from .models import digits as dg
 
+    if args.model != "digits" and (args.artifact is None or is_whisper(args.artifact)):
+        return cmd_transcribe_whisper(args)
     model = fxquant.load(args.artifact) if args.artifact else dg.load_digits_model()
     config = dg.load_digits_model().config if args.artifact else model.config
     for path in args.audio:
-        wave, sr = load_wav(path)
-        wave = resample(wave, sr, 16000) if sr != 16000 else wave
-        print(f"{path}: {' '.join(dg.transcribe(model, wave, config)) or '(nothing recognised)'}")
+        print(f"{path}: {' '.join(dg.transcribe(model, load_audio(path), config)) or '(nothing recognised)'}")
     return 0
 
 
@@ -175,18 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list registered passes (built-in and plugins)")
     p.set_defaults(fn=cmd_passes)
     p = sub.add_parser("eval", help="word error rate / keyword accuracy of fp32, torch int8 and fxquant variants")
-    p.add_argument("model", choices=("digits", "bcresnet"))
+    p.add_argument("model", help="whisper-tiny.en, whisper-base (or a checkpoint folder), digits, bcresnet")
     p.add_argument("--n", type=int, default=300, help="digit strings to evaluate (digits)")
+    p.add_argument("--limit", type=int, help="Whisper: score only the first N LJ Speech utterances")
+    p.add_argument("--fsdd", type=int, default=60, help="Whisper: FSDD digit sentences to score (0: none)")
     p.add_argument("--split", default="all", choices=("all", "test", "train"), help="FSDD clips (bcresnet)")
-    p.add_argument("--variants", default="fp32,torch-int8,W8A8,W4,mixed-4.0,mixed-3.0,mixed-2.5")
+    p.add_argument("--variants", help="comma-separated variants (Whisper: openai-fp32, fp32, torch-int8, ct2-int8, "
+                                      "bits8, bits4, avg4, avg3; digits/bcresnet: fp32, torch-int8, W8A8, W4, "
+                                      "mixed-4.0, ...)")
     p.add_argument("--target", default="native")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("transcribe", help="transcribe digit strings from WAV files with the digit recognizer")
-    p.add_argument("audio", nargs="+", help="WAV files (16-bit PCM, any sample rate)")
-    p.add_argument("--artifact", help="a compiled artifact directory (default: the fp32 model)")
+    p = sub.add_parser("transcribe", help="transcribe audio files with Whisper (or the digit recognizer)")
+    p.add_argument("audio", nargs="+", help="audio files: WAV, FLAC, OGG; any sample rate; mono or stereo")
+    p.add_argument("--model", default="whisper-tiny.en",
+                   help="whisper-tiny.en (default), whisper-base, a checkpoint folder, or 'digits'")
+    p.add_argument("--artifact", help="a compiled artifact folder (Whisper or digit recognizer)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--precision", choices=("fp32",), help="run the fp32 model (the default)")
+    g.add_argument("--bits", type=int, choices=(8, 4, 3, 2), help="compile at this weight bit width (cached)")
+    g.add_argument("--avg-bits", type=float, help="compile at this average weight bit budget (cached)")
+    p.add_argument("--format", default="txt", choices=("txt", "tsv", "json"),
+                   help="txt: one text per line; tsv: path<TAB>text; json: a list of objects")
     p.set_defaults(fn=cmd_transcribe)
-    p = sub.add_parser("demo", help="compile the digit recognizer at several budgets and transcribe speech")
-    p.add_argument("--quick", action="store_true", help="fewer test strings")
+    p = sub.add_parser("demo", help="compile Whisper tiny.en to low bits and transcribe real speech vs its peers")
+    p.add_argument("--quick", action="store_true", help="fewer utterances")
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except FxQuantError as exc:
+    except (FxQuantError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"fxquant: error: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", []):
             print(f"  {note}", file=sys.stderr)

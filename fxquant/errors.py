@@ -35,3 +35,19 @@ class ArtifactError(FxQuantError):
 
 class InputError(FxQuantError, ValueError):
     """A compiled module was called with inputs its graph was not specialised for."""
+
+
+class ModelNotFoundError(FxQuantError):
+    """A model name or path resolves to nothing on this machine (the message names the install command)."""
+
+
+class CheckpointError(FxQuantError, ValueError):
+    """A model checkpoint (model.bin, safetensors, .pt) is truncated, corrupted or of an unsupported layout."""
+
+
+class AudioError(FxQuantError, ValueError):
+    """An audio file is unreadable, not audio, empty or too long (the message lists the formats that work)."""
+
+
+class AudioNotFoundError(AudioError, FileNotFoundError):
+    """An audio path names no file."""

@@ -41,6 +41,7 @@ class EvalRow:
     compile_s: float = 0.0
     metric: str = "WER"
     samples: list = field(default_factory=list)
+    note: str = ""               # set when the variant could not be built (the other rows still count)
 
 
 def torch_dynamic_int8(model: nn.Module) -> nn.Module:
@@ -139,7 +140,10 @@ def evaluate_digit_variants(waves: Sequence[torch.Tensor], refs: Sequence[list[s
     bar = Progress("compile + transcribe", len(variants), progress)
     bar.step(0)
     for i, name in enumerate(variants):
-        module, compile_s = build_variant(name, model, example, calibration, target)
+        built = _build_or_skip(name, model, example, calibration, target, rows, "WER")
+        if built is None:
+            continue
+        module, compile_s = built
         hyps = dg.transcribe_batch(module, list(waves), model.config)
         size, bits = dynamic_int8_bytes(module) if name == "torch-int8" else weight_stats(module)
         rows.append(EvalRow(name, wer(refs, hyps), size, bits, timed_latency(module, lat_inputs, lat_audio),
@@ -148,11 +152,27 @@ def evaluate_digit_variants(waves: Sequence[torch.Tensor], refs: Sequence[list[s
     return rows
 
 
+def _build_or_skip(name, model, example, calibration, target, rows: list, metric: str):
+    """build_variant, or a row marked 'cannot be built' (e.g. a budget below the model's smallest size),
+    so that the rows already measured are kept and printed."""
+    from .errors import FxQuantError
+
+    try:
+        return build_variant(name, model, example, calibration, target)
+    except FxQuantError as exc:
+        rows.append(EvalRow(name, float("nan"), 0, float("nan"), float("nan"), 0.0, metric,
+                            note=f"cannot be built: {str(exc).splitlines()[0][:120]}"))
+        return None
+
+
 def render(rows: Sequence[EvalRow], title: str = "") -> str:
     """One table: error metric, bytes, ratio to fp32, average bits, latency, compile time."""
-    fp32 = next((r.model_bytes for r in rows if r.variant == "fp32"), None)
+    fp32 = next((r.model_bytes for r in rows if r.variant == "fp32" and not r.note), None)
     body = []
     for r in rows:
+        if r.note:
+            body.append([r.variant, r.note, "", "", "", "", ""])
+            continue
         body.append([r.variant, f"{100 * r.error:.2f} %", f"{r.model_bytes / 1024:.1f} KiB",
                      f"{fp32 / r.model_bytes:.2f}x" if fp32 else "", f"{r.avg_bits:.2f}",
                      f"{r.ms_per_audio_s:.2f}", f"{r.compile_s:.1f}"])
@@ -182,7 +202,10 @@ def evaluate_keywords(variants: Sequence[str] = DEFAULT_VARIANTS, split: str = "
     rows = []
     bar = Progress("evaluate", len(variants), progress)
     for i, name in enumerate(variants):
-        module, compile_s = build_variant(name, model, example, calibration, target)
+        built = _build_or_skip(name, model, example, calibration, target, rows, "keyword error")
+        if built is None:
+            continue
+        module, compile_s = built
         correct, total = bc.keyword_accuracy(module, split)
         size, bits = dynamic_int8_bytes(module) if name == "torch-int8" else weight_stats(module)
         rows.append(EvalRow(name, 1 - correct / total, size, bits, timed_latency(module, lat_inputs, 20.0),

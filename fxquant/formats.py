@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,13 +38,18 @@ ROUNDINGS = ("nearest", "gptq")
 
 @dataclass(frozen=True)
 class Format:
-    """A registry entry: `fit(block [R,P], bits, symmetric, weight) -> Grid`, the table layout, the cost."""
+    """A registry entry: `fit(block [R,P], bits, symmetric, weight) -> Grid`, the table layout, the cost.
+
+    quantize_groups(w [R, G, P], bits, symmetric, weight [1|R, G, P] | None) -> (codes uint8 [R, G, P],
+    Grid over R*G rows): the vectorised nearest-rounding path over all groups of a layer at once.
+    """
 
     name: str
     fit: Callable[..., Grid] | None
     num_tables: Callable[[int, int, int, bool], int]   # (bits, rows, groups, symmetric) -> T
     bits_allowed: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     description: str = ""
+    quantize_groups: Callable[..., tuple[torch.Tensor, Grid]] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -57,12 +64,14 @@ register_format(Format(
     "uniform",
     lambda blk, bits, symmetric, weight: _uniform.fit(blk, bits, symmetric, weight),
     lambda bits, rows, groups, symmetric: 1 if symmetric else 1 << bits,
-    description="uniform b-bit levels, symmetric (one table) or asymmetric (one table per zero point)"))
+    description="uniform b-bit levels, symmetric (one table) or asymmetric (one table per zero point)",
+    quantize_groups=lambda w, bits, symmetric, weight: _uniform.quantize_groups(w, bits, symmetric, weight)))
 register_format(Format(
     "codebook",
     lambda blk, bits, symmetric, weight: _codebook.fit(blk, bits, weight),
     lambda bits, rows, groups, symmetric: rows * groups,
-    description="2^b int8 levels per channel / group learned by weighted k-means"))
+    description="2^b int8 levels per channel / group learned by weighted k-means",
+    quantize_groups=lambda w, bits, symmetric, weight: _codebook.quantize_groups(w, bits, weight)))
 register_format(Format("float", None, lambda *a: 0, (32,), "weights stay fp32"))
 
 
@@ -139,7 +148,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "uniform", gr
     if rounding not in ROUNDINGS:
         raise ConfigError(f"{where}: rounding must be one of {ROUNDINGS}, got {rounding!r}")
     w = _check_weight(weight, where)
-    n, k = w.shape
+    k = w.shape[1]
     gs = resolve_group_size(granularity, group_size, k, where)
     fmt = get_format(scheme)
     if hdiag is None and hessian is not None:
@@ -164,34 +173,116 @@ def quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "uniform", gr
                               f"pass first (or use rounding='nearest')")
         starts = iter(range(0, k, gs))
         codes, grids = gptq.gptq_round(w, hessian, lambda blk: fit_block(blk, next(starts)), gs)
+        grid = _stack_grids(grids)
+    elif granularity == "tensor":
+        grid = fit_block(w, 0)
+        codes = grid_round(w, grid)[0]
+        grid = _stack_grids([grid])
     else:
-        grids, parts = [], []
-        for start in range(0, k, gs):
-            grid = fit_block(w[:, start:start + gs], start)
-            parts.append(grid_round(w[:, start:start + gs], grid)[0])
-            grids.append(grid)
-        codes = torch.cat(parts, 1)
-    return _assemble(scheme, bits, symmetric, granularity, gs, codes, grids)
+        codes, grid = _nearest_groups(fmt, w, bits, symmetric, gs, hdiag)
+    return _assemble(scheme, bits, symmetric, granularity, gs, codes, grid)
+
+
+def _stack_grids(grids: list[Grid]) -> Grid:
+    """Per-group grids of N rows each -> one Grid of N*G rows in (row, group) order."""
+    return Grid(torch.stack([g.scale for g in grids], 1).reshape(-1),
+                torch.stack([g.levels for g in grids], 1).reshape(-1, grids[0].levels.shape[1]),
+                torch.stack([g.table_id for g in grids], 1).reshape(-1))
+
+
+def _nearest_groups(fmt: Format, w: torch.Tensor, bits: int, symmetric: bool, gs: int,
+                    hdiag: torch.Tensor | None) -> tuple[torch.Tensor, Grid]:
+    """Nearest rounding of every group of w [N, K] in one vectorised call (plus one for a partial last group)."""
+    n, k = w.shape
+    full = k // gs
+    spans = [(0, full * gs, full, gs)] if full else []
+    if k > full * gs:
+        spans.append((full * gs, k, 1, k - full * gs))
+    codes, grids = [], []
+    for start, end, groups, size in spans:
+        block = w[:, start:end].reshape(n, groups, size)
+        weight = None if hdiag is None else hdiag[start:end].reshape(1, groups, size)
+        c, g = fmt.quantize_groups(block, bits, symmetric, weight)
+        codes.append(c.reshape(n, end - start))
+        grids.append(Grid(g.scale.view(n, groups), g.levels.view(n, groups, -1), g.table_id.view(n, groups)))
+    if len(grids) == 1:
+        c, g = codes[0], grids[0]
+    else:
+        c = torch.cat(codes, 1)
+        g = Grid(*(torch.cat([getattr(p, f) for p in grids], 1) for f in ("scale", "levels", "table_id")))
+    return c, Grid(g.scale.reshape(-1), g.levels.reshape(n * g.scale.shape[1], -1), g.table_id.reshape(-1))
 
 
 def _assemble(scheme: str, bits: int, symmetric: bool, granularity: str, gs: int, codes: torch.Tensor,
-              grids: list[Grid]) -> QuantizedWeight:
-    """Pack per-group grids + codes into the QuantizedWeight contract (codes index the level row)."""
+              grid: Grid) -> QuantizedWeight:
+    """Pack the (row, group) grids (N*G rows, row-major) + codes into the QuantizedWeight contract."""
     n = codes.shape[0]
-    g = len(grids)
-    scales = torch.stack([gr.scale for gr in grids], 1).float()
+    g = grid.scale.numel() // n
+    scales = grid.scale.reshape(n, g).float()
     if scheme == "uniform":
         table = _uniform.tables(bits, symmetric)
-        table_index = torch.stack([gr.table_id for gr in grids], 1).to(torch.int32)
+        table_index = grid.table_id.reshape(n, g).to(torch.int32)
     elif granularity == "tensor":
-        table = grids[0].levels[:1].clone()
+        table = grid.levels[:1].clone()
         table_index = torch.zeros(n, g, dtype=torch.int32)
     else:
-        table = torch.stack([gr.levels for gr in grids], 1).reshape(n * g, -1).clone()
+        table = grid.levels.reshape(n * g, -1).clone()
         table_index = torch.arange(n * g, dtype=torch.int32).view(n, g)
     return QuantizedWeight(bits=bits, codes=codes.to(torch.uint8), table=table.to(torch.int8),
-                           table_index=table_index, scales=scales, group_size=gs, scheme=scheme,
-                           granularity=granularity)
+                           table_index=table_index.contiguous(), scales=scales.contiguous(), group_size=gs,
+                           scheme=scheme, granularity=granularity)
+
+
+class QuantCache:
+    """Memo of `quantize_weight` for one compile: a (weight, format, statistics) triple is quantized once.
+
+    The sensitivity sweep quantizes every candidate format of every layer and the quantize pass
+    then quantizes the chosen one again; with a shared cache the second time is a lookup. Keys hold
+    the tensors' identity and version counters (not their data): a weight changed in place is
+    quantized afresh. Entries keep their tensors alive; `max_bytes` bounds the stored results
+    (least recently used out). Thread-safe; results are shared, so treat them as read-only.
+
+    Example:
+        >>> cache = QuantCache()
+        >>> w = torch.randn(8, 64)
+        >>> cache.quantize(w, 4) is cache.quantize(w, 4), cache.hits
+        (True, 1)
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.stored_bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _tensor_key(t: torch.Tensor | None) -> tuple:
+        return (None,) if t is None else (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+
+    def quantize(self, weight: torch.Tensor, bits: int, scheme: str = "uniform", granularity: str = "channel",
+                 group_size: int | None = None, symmetric: bool = True, hdiag: torch.Tensor | None = None,
+                 hessian: torch.Tensor | None = None, rounding: str = "nearest",
+                 where: str = "weight") -> QuantizedWeight:
+        """quantize_weight(...) with the same arguments, from the cache when it was computed before."""
+        key = (self._tensor_key(weight), bits, scheme, granularity, group_size, symmetric,
+               self._tensor_key(hdiag), self._tensor_key(hessian) if rounding == "gptq" else (None,), rounding)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] is weight and hit[1] is hdiag:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit[3]
+        qw = quantize_weight(weight, bits, scheme, granularity, group_size, symmetric, hdiag, hessian, rounding, where)
+        size = sum(t.numel() * t.element_size() for t in (qw.codes, qw.table, qw.table_index, qw.scales))
+        with self._lock:
+            self.misses += 1
+            if size <= self.max_bytes:
+                old = self._entries.pop(key, None)
+                self.stored_bytes -= old[4] if old is not None else 0
+                self._entries[key] = (weight, hdiag, hessian, qw, size)
+                self.stored_bytes += size
+                while self.stored_bytes > self.max_bytes:
+                    self.stored_bytes -= self._entries.popitem(last=False)[1][4]
+        return qw
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -202,3 +293,15 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def quant_cache(ctx) -> QuantCache:
+    """The compile's shared QuantCache (ctx.state["quant_cache"]): passes that quantize the same
+    (weight, format) twice, e.g. the sensitivity sweep and this pass, get the second one for free.
+
+    Example (in a pass): `qw = quant_cache(ctx).quantize(weight, bits, scheme, ..., hdiag=stats.get("hdiag"))`.
+    """
+    cache = ctx.state.get("quant_cache")
+    if cache is None:
+        cache = ctx.state["quant_cache"] = QuantCache()
+    return cache

@@ -145,3 +145,21 @@ def verify(gm: fx.GraphModule) -> None:
         if problems:
             raise VerificationError(f"node {node.name!r} ({node.op} {node.target}) breaks the IR contract: "
                                     + "; ".join(problems))
+
+
+# ops whose weights fxquant cannot quantize (no lowered op or kernel): their fp32 weights still count
+UNQUANTIZED_WEIGHT_OPS = (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
+
+
+def float_weights(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
+    """The float parameters a node reads through get_attr (nested in lists, as aten.lstm's params are)."""
+    found: list[torch.Tensor] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(get_attr_value(gm, n.target))
+                    if n.op == "get_attr" else None)
+    return [t for t in found if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def unquantized_weight_params(gm: fx.GraphModule) -> int:
+    """Parameters of ops fxquant keeps in fp32 (LSTM/GRU/RNN weights): budgets count them at 32 bits."""
+    return sum(t.numel() for n in gm.graph.nodes if n.op == "call_function" and n.target in UNQUANTIZED_WEIGHT_OPS
+               for t in float_weights(gm, n))

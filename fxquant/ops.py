@@ -1,7 +1,9 @@
 """Lowered fxquant ops: the modules a lowered graph calls in place of aten.linear / aten.conv*.
 
-Each op holds its `QuantizedWeight` as buffers (so `state_dict` carries it) and runs either the
-pure-PyTorch reference (always available) or a compiled kernel attached by the codegen pass.
+Each op holds its `QuantizedWeight` (tables, table indices and scales as buffers; the codes
+bit-packed, see `_QWeightStore`) and runs either the pure-PyTorch reference (always available) or
+a compiled kernel attached by the codegen pass. Once a kernel that holds every code is attached,
+the op keeps only the kernel's packed copy and the reference path unpacks from it on demand.
 
 Example:
     >>> import torch
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qweight import QuantizedWeight, dequantize, quantize_activation_per_row, reference_linear
+from .qweight import (PackedCodes, QuantizedWeight, dequantize, format_bytes, quantize_activation_per_row,
+                      reference_linear)
 
 EPILOGUES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -36,19 +39,118 @@ class LoweredOp(nn.Module):
     """Base of every module a lowered graph calls; artifacts store and load only these."""
 
 
+_PACKED_BY_CODES: dict[int, tuple[weakref.ref, PackedCodes]] = {}
+
+
+def _pack_shared(codes: torch.Tensor, bits: int) -> PackedCodes:
+    """PackedCodes of a codes tensor; ops built from the same tensor (tied weights) share one packed copy."""
+    hit = _PACKED_BY_CODES.get(id(codes))
+    if hit is not None and hit[0]() is codes and hit[1].bits == bits:
+        return hit[1]
+    packed = PackedCodes.from_codes(codes, bits)
+    key = id(codes)
+    _PACKED_BY_CODES[key] = (weakref.ref(codes, lambda _, key=key: _PACKED_BY_CODES.pop(key, None)), packed)
+    return packed
+
+
+def kernel_tensors(kernel) -> list[torch.Tensor]:
+    """Tensors a kernel object keeps: its attributes, walking into containers and fxquant / codegen objects
+    (a Packed, a wrapped linear kernel), not into modules or foreign objects (ctypes libraries)."""
+    found, todo, seen = [], [kernel], set()
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, PackedCodes):
+            found.append(obj.data)
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        elif not isinstance(obj, (nn.Module, type)) and hasattr(obj, "__dict__") and \
+                type(obj).__module__.split(".")[0] in ("codegen", "fxquant"):
+            todo.extend(vars(obj).values())
+    return found
+
+
 class _QWeightStore(LoweredOp):
-    """Holds a QuantizedWeight's tensors as buffers (so state_dict and artifacts carry them)."""
+    """Holds a QuantizedWeight: table, table_index and scales as buffers, the codes bit-packed.
+
+    `packed_codes` (a PackedCodes) is the only copy of the codes: the `pack_bits` stream, or, once
+    a kernel holding every code is attached (`kernel.packed_codes`), the kernel's own copy.
+    `codes` unpacks to uint8 [N, K] on demand; `code_shape` is (N, K) without unpacking.
+    `register_buffer("codes", t)` and state_dict keep taking and giving uint8 [N, K] codes, and
+    `artifact_tensors()` lists them beside the buffers, so artifacts store what they always stored.
+    """
 
     def _store(self, qw: QuantizedWeight) -> None:
         self.bits, self.group_size = qw.bits, qw.group_size
         self.scheme, self.granularity = qw.scheme, qw.granularity
-        for name in ("codes", "table", "table_index", "scales"):
+        for name in ("table", "table_index", "scales"):
             self.register_buffer(name, getattr(qw, name))
+        self._set_codes(qw.codes)
+
+    def _set_codes(self, codes: torch.Tensor | PackedCodes) -> None:
+        """Take the codes as uint8 [N, K] (packed here) or as a PackedCodes of this op's bit width (kept as is)."""
+        if isinstance(codes, PackedCodes):
+            if codes.bits != self.bits:
+                raise ValueError(f"packed codes have {codes.bits} bits, the op {self.bits}")
+            self.__dict__["_packed_codes"] = codes
+            return
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
+            raise ValueError(f"codes must be a uint8 [N, K] tensor, got {getattr(codes, 'dtype', type(codes))}")
+        self.__dict__["_packed_codes"] = _pack_shared(codes, self.bits)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | PackedCodes | None, persistent: bool = True) -> None:
+        if name == "codes":
+            return self._set_codes(tensor)
+        super().register_buffer(name, tensor, persistent)
+
+    @property
+    def packed_codes(self) -> PackedCodes:
+        return self.__dict__["_packed_codes"]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.packed_codes.unpack()
+
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        return self.packed_codes.shape
 
     @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.bits, self.codes, self.table, self.table_index, self.scales,
                                self.group_size, self.scheme, self.granularity)
+
+    def nbytes(self) -> int:
+        """Deployed bytes of the weight format (= qweight.nbytes(), without unpacking the codes)."""
+        return format_bytes(self.code_shape, self.bits, self.table, self.table_index, self.scales)
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor | None]:
+        """Buffers plus the unpacked codes: the tensors an artifact stores for this op."""
+        return {"codes": self.codes, **self._buffers}
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this op and its attached kernel keep in memory (shared storages may repeat)."""
+        found = [t for t in self._buffers.values() if t is not None] + [self.packed_codes.data]
+        return found + kernel_tensors(self.__dict__.get("_kernel"))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "codes"] = self.codes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "codes"
+        if key in state_dict:
+            self._set_codes(state_dict[key])
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 def is_lowered(module: nn.Module) -> bool:
@@ -68,11 +170,28 @@ class _LowbitBase(_QWeightStore):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act_bits = act_bits
         self.epilogue = epilogue
-        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by codegen
+        self.kernel = None  # set by codegen
         self.backend = "reference"
 
+    @property
+    def kernel(self) -> Callable[..., torch.Tensor] | None:
+        return self.__dict__.get("_kernel")
+
+    @kernel.setter
+    def kernel(self, kernel: Callable[..., torch.Tensor] | None) -> None:
+        """Attach (or detach with None) a kernel; a kernel whose packed copy holds every code
+        (`kernel.packed_codes`) becomes the op's only copy of the codes."""
+        held = getattr(kernel, "packed_codes", None)
+        current = self.__dict__.get("_packed_codes")
+        if isinstance(held, PackedCodes) and current is not None and held.shape == current.shape \
+                and held.bits == current.bits:
+            self.__dict__["_packed_codes"] = held
+        elif current is not None and current.layout != "bits":  # leaving a kernel's copy: back to a bit stream
+            self.__dict__["_packed_codes"] = PackedCodes.from_codes(current.unpack(), current.bits)
+        self.__dict__["_kernel"] = kernel
+
     def extra_repr(self) -> str:
-        n, k = self.codes.shape
+        n, k = self.code_shape
         return (f"{k}->{n}, bits={self.bits}, {self.scheme}/{self.granularity}, group={self.group_size}, "
                 f"act_bits={self.act_bits}, epilogue={self.epilogue}, backend={self.backend}")
 
@@ -178,18 +297,19 @@ class LowbitEmbedding(_QWeightStore):
         self.backend = "reference"
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        k, gs = self.codes.shape[1], self.group_size
+        k, gs = self.code_shape[1], self.group_size
+        codes = self.packed_codes.rows(tokens)                              # [..., K] uint8, only these rows
         if self.table.shape[0] == 1 and k % gs == 0:  # one shared level table (uniform formats): 5 ops
-            levels = self.table[0][F.embedding(tokens, self.codes).long()]                   # [..., K] int8
+            levels = self.table[0][codes.long()]                                             # [..., K] int8
             scaled = levels.view(*tokens.shape, k // gs, gs).float() * F.embedding(tokens, self.scales)[..., None]
             return scaled.view(*tokens.shape, k)
-        codes = self.codes[tokens].long()                                   # [..., K]
+        codes = codes.long()                                                # [..., K]
         tabs = self.table_index[tokens].long().repeat_interleave(self.group_size, -1)[..., :k]
         scales = self.scales[tokens].repeat_interleave(self.group_size, -1)[..., :k]
         return self.table[tabs, codes].float() * scales
 
     def extra_repr(self) -> str:
-        n, k = self.codes.shape
+        n, k = self.code_shape
         return f"{n} x {k}, bits={self.bits}, {self.scheme}/{self.granularity}, group={self.group_size}"
 
 

@@ -110,10 +110,13 @@ class PassManager:
         staging.rmdir()
 
     def _write_reproducer(self, table: str, code: str, name: str, index: int, exc: BaseException) -> Path:
-        base = self.dump_dir if self.dump_dir is not None else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        final = base / f"reproducer-{index:02d}-{name}"
-        tmp = Path(tempfile.mkdtemp(prefix=".repro-", dir=base))
+        """A new folder: dump_dir/reproducer-NN-pass (a fresh suffix if taken), or a private mkdtemp folder."""
+        stem = f"reproducer-{index:02d}-{name}"
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".repro-", dir=self.dump_dir))
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f"fxquant-{stem}-"))
         remaining = ",".join(str(s) for s in list(self.pipeline)[index - 1:])
         (tmp / "pipeline.txt").write_text(f"{self.pipeline}\n")
         (tmp / "failing_pipeline.txt").write_text(f"{remaining}\n")
@@ -123,7 +126,18 @@ class PassManager:
         (tmp / "README.txt").write_text(
             f"Pass {name!r} failed. graph_before.* is the graph it received; failing_pipeline.txt is the\n"
             f"pipeline from that pass on. Reproduce with fxquant.PassManager(failing_pipeline) on that graph.\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
+        if self.dump_dir is None:
+            return tmp  # mkdtemp made it ours alone
+        for attempt in range(1000):
+            final = self.dump_dir / (stem if attempt == 0 else f"{stem}-{attempt + 1}")
+            try:
+                os.mkdir(final)  # claims the name; never replaces a folder that exists
+            except FileExistsError:
+                continue
+            os.rmdir(final)
+            try:
+                os.rename(tmp, final)  # fails rather than replacing if another process claimed it meanwhile
+                return final
+            except OSError:
+                continue
+        return tmp

@@ -13,14 +13,20 @@ Example:
     >>> dequantize(qw).shape
     torch.Size([8, 64])
 
+Codes are stored bit-packed where they live long (`PackedCodes`, `pack_bits` / `unpack_bits`: the
+little-endian bit stream artifacts use too); `QuantizedWeight.codes` is the unpacked uint8 view.
+
 Activations use dynamic per-row (per-token) symmetric int8 by default; `reference_linear` gives the
 exact integer semantics the C kernels implement (int32 accumulation per group, then fp32 scaling).
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
 SCHEMES = ("uniform", "codebook")
@@ -85,16 +91,29 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         """Bytes the deployed format costs: packed codes + scales (fp32) + tables + table indices."""
-        n, k = self.codes.shape
-        code_bytes = math.ceil(n * k * self.bits / 8)
-        index_bytes = 0 if self.table.shape[0] == 1 else self.table_index.numel() * (1 if self.table.shape[0] <= 256 else 2)
-        return code_bytes + self.scales.numel() * 4 + self.table.numel() + index_bytes
+        return format_bytes(tuple(self.codes.shape), self.bits, self.table, self.table_index, self.scales)
 
     def levels(self) -> torch.Tensor:
-        """int8 [N, K] integer weight levels (the values kernels expand codes into)."""
+        """int8 [N, K] integer weight levels (the values kernels expand codes into).
+
+        Uniform tables (every table is `arange(2**bits) - offset`) are an integer subtraction;
+        other tables a lookup done in row chunks (bounded int64 index memory).
+        """
         n, k = self.codes.shape
-        idx = self.table_index.long().repeat_interleave(self.group_size, dim=1)[:, :k]
-        return self.table.long()[idx, self.codes.long()].to(torch.int8)
+        g, gs = self.num_groups, self.group_size
+        tab = self.table.to(torch.int16)
+        if bool((tab[:, 1:] - tab[:, :-1] == 1).all()):
+            first = tab[:, 0][self.table_index.long()]                         # level of code 0, [N, G]
+            if bool((first == first.reshape(-1)[0]).all()):
+                return (self.codes.to(torch.int16) + first.reshape(-1)[0]).to(torch.int8)
+            c = torch.nn.functional.pad(self.codes, (0, g * gs - k)).view(n, g, gs).to(torch.int16)
+            return (c + first[..., None]).view(n, g * gs)[:, :k].to(torch.int8)
+        flat, levels = self.table.reshape(-1), torch.empty(n, k, dtype=torch.int8)
+        step = max(1, (1 << 20) // max(k, 1))
+        for r0 in range(0, n, step):
+            base = self.table_index[r0:r0 + step].long().mul(tab.shape[1]).repeat_interleave(gs, dim=1)[:, :k]
+            levels[r0:r0 + step] = flat[base + self.codes[r0:r0 + step].long()]
+        return levels
 
     @staticmethod
     def uniform_symmetric(weight: torch.Tensor, bits: int, group_size: int | None = None) -> "QuantizedWeight":
@@ -117,11 +136,22 @@ class QuantizedWeight:
             scheme="uniform", granularity="channel" if gs == k else "group")
 
 
+def format_bytes(shape: tuple[int, int], bits: int, table: torch.Tensor, table_index: torch.Tensor,
+                 scales: torch.Tensor) -> int:
+    """QuantizedWeight.nbytes() from the parts (no codes needed): packed codes + scales + tables + indices."""
+    n, k = shape
+    index_bytes = 0 if table.shape[0] == 1 else table_index.numel() * (1 if table.shape[0] <= 256 else 2)
+    return math.ceil(n * k * bits / 8) + scales.numel() * 4 + table.numel() + index_bytes
+
+
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """float32 [N, K] weight the format represents."""
-    k = qw.codes.shape[1]
-    s = qw.scales.repeat_interleave(qw.group_size, dim=1)[:, :k]
-    return qw.levels().float() * s
+    n, k = qw.codes.shape
+    g, gs = qw.num_groups, qw.group_size
+    levels = qw.levels()
+    if g * gs == k:
+        return (levels.view(n, g, gs).float() * qw.scales[..., None]).view(n, k)
+    return levels.float() * qw.scales.repeat_interleave(gs, dim=1)[:, :k]
 
 
 def quantize_activation_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +174,10 @@ def group_accumulators(xq: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     n = qw.codes.shape[0]
     g, gs = qw.num_groups, qw.group_size
     pad = g * gs - k
-    xp = torch.nn.functional.pad(xq.double(), (0, pad)).view(m, g, gs)
-    wp = torch.nn.functional.pad(qw.levels().double(), (0, pad)).view(n, g, gs)
-    # doubles hold these sums exactly (|sum| < 2^53), and BLAS makes it fast
+    # BLAS in float32 is exact while every partial sum stays below 2^24 (|x|, |level| <= 128); else float64
+    dtype = torch.float32 if gs * 128 * 128 < (1 << 24) else torch.float64
+    xp = torch.nn.functional.pad(xq.to(dtype), (0, pad)).view(m, g, gs)
+    wp = torch.nn.functional.pad(qw.levels().to(dtype), (0, pad)).view(n, g, gs)
     return torch.einsum("mgk,ngk->mng", xp, wp).round().long()
 
 
@@ -195,3 +226,123 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     granularity = first.granularity if all(p.granularity == first.granularity for p in parts) else "channel"
     return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), table, index,
                            torch.cat([p.scales for p in parts]), first.group_size, first.scheme, granularity)
+
+
+PACK_CHUNK = 1 << 20  # codes per pack/unpack step (a multiple of 8): bounds the int64 scratch of odd widths
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit codes (any shape, values < 2**bits) -> uint8 [ceil(numel / 8) * bits]: a little-endian bit stream,
+    code i in bits [i*b, (i+1)*b), so 8 codes fill exactly `bits` bytes.
+
+    Example:
+        >>> pack_bits(torch.tensor([1, 2, 3], dtype=torch.uint8), 4).tolist()
+        [33, 3, 0, 0]
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_bits: bits must be in 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    if bits == 8:
+        return flat.clone() if flat.data_ptr() == codes.data_ptr() else flat
+    if 8 % bits == 0:
+        per = 8 // bits
+        g = flat.view(-1, per)
+        out = g[:, 0].clone()
+        for i in range(1, per):
+            out |= g[:, i] << (bits * i)
+        return out
+    out = np.empty(flat.numel() // 8 * bits, dtype=np.uint8)
+    planes = torch.arange(bits, dtype=torch.uint8)
+    for c0 in range(0, flat.numel(), PACK_CHUNK):  # odd widths: code bits in stream order, then numpy's packbits
+        stream = ((flat[c0:c0 + PACK_CHUNK, None] >> planes) & 1).numpy().reshape(-1)
+        out[c0 // 8 * bits:(c0 + PACK_CHUNK) // 8 * bits] = np.packbits(stream, bitorder="little")
+    return torch.from_numpy(out)
+
+
+def unpack_bits(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first `numel` codes of the stream, uint8 [numel]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unpack_bits: bits must be in 1..8, got {bits}")
+    need = -(-numel // 8) * bits
+    if data.dtype != torch.uint8 or data.numel() < need:
+        raise ValueError(f"unpack_bits: {numel} {bits}-bit codes need {need} uint8 bytes, got "
+                         f"{data.numel()} {data.dtype}")
+    raw = data.reshape(-1)[:need].contiguous()
+    if bits == 8:
+        return raw[:numel].clone()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = torch.empty(raw.numel(), per, dtype=torch.uint8)
+        for i in range(per):
+            torch.bitwise_and(raw >> (bits * i), mask, out=out[:, i])
+        return out.view(-1)[:numel]
+    out = torch.empty(raw.numel() // bits * 8, dtype=torch.uint8)
+    weights = (1 << torch.arange(bits, dtype=torch.uint8)).view(1, bits)
+    step = PACK_CHUNK // 8 * bits
+    for b0 in range(0, raw.numel(), step):
+        stream = torch.from_numpy(np.unpackbits(raw[b0:b0 + step].numpy(), bitorder="little")).view(-1, bits)
+        out[b0 // bits * 8:(b0 + step) // bits * 8] = (stream * weights).sum(1, dtype=torch.uint8)
+    return out[:numel]
+
+
+class PackedCodes:
+    """The b-bit codes of an [N, K] weight, held packed; `unpack()` gives uint8 [N, K] when needed.
+
+    layout "bits" is the `pack_bits` stream of the row-major codes (what artifacts store). A kernel
+    whose packed copy holds every code offers its own layout (`unpack_fn(data) -> uint8 [N, K]`), so
+    an op can keep that one copy instead of two. The last unpacked tensor is remembered while anyone
+    holds it, so ops sharing one PackedCodes (a tied embedding and its projection) see one tensor.
+
+    Example:
+        >>> codes = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+        >>> pc = PackedCodes.from_codes(codes, bits=4)
+        >>> pc.nbytes, torch.equal(pc.unpack(), codes), torch.equal(pc.rows(torch.tensor([2])), codes[2:])
+        (12, True, True)
+    """
+
+    def __init__(self, data: torch.Tensor, shape: tuple[int, int], bits: int, layout: str = "bits",
+                 unpack_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if layout != "bits" and unpack_fn is None:
+            raise ValueError(f"PackedCodes layout {layout!r} needs its unpack function")
+        self.data, self.shape, self.bits, self.layout = data, (int(shape[0]), int(shape[1])), int(bits), layout
+        self._unpack_fn = unpack_fn
+        self._last: weakref.ref | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_last": None}  # the remembered tensor is a cache, not state
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, bits: int) -> "PackedCodes":
+        if codes.dim() != 2 or codes.dtype != torch.uint8:
+            raise ValueError(f"PackedCodes needs uint8 [N, K] codes, got {codes.dtype} {tuple(codes.shape)}")
+        packed = cls(pack_bits(codes, bits), tuple(codes.shape), bits)
+        packed._last = weakref.ref(codes)  # while the caller keeps its codes (a compile does), no unpacking
+        return packed
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def unpack(self) -> torch.Tensor:
+        """uint8 [N, K] codes (the same tensor as the previous call while that one is still alive)."""
+        last = self._last() if self._last is not None else None
+        if last is not None:
+            return last
+        if self.layout == "bits":
+            codes = unpack_bits(self.data, self.bits, self.shape[0] * self.shape[1]).view(self.shape)
+        else:
+            codes = self._unpack_fn(self.data)
+        self._last = weakref.ref(codes)
+        return codes
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Codes of the rows in `index` (any shape): uint8 [*index.shape, K], unpacking only those rows."""
+        n, k = self.shape
+        if self.layout != "bits" or (k * self.bits) % 8 or k % 8:
+            return self.unpack()[index]
+        row_bytes = k * self.bits // 8
+        picked = self.data[: n * row_bytes].view(n, row_bytes)[index.reshape(-1)]
+        return unpack_bits(picked, self.bits, picked.shape[0] * k).view(*index.shape, k)

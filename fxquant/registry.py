@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PipelineError, PluginError
+from .errors import ConfigError, PipelineError, PluginError
 
 API_VERSION = 1
 ENTRY_POINT_GROUP = "fxquant.passes"
@@ -180,3 +180,18 @@ def get_pass(name: str) -> PassInfo:
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise PipelineError(f"unknown pass {name!r}.{hint} Valid passes: {', '.join(passes)}")
     return passes[name]
+
+
+def calibration_batches(ctx, max_batches: int = 0) -> list[tuple]:
+    """ctx.calibration as a list of input tuples (example inputs when None); ConfigError when empty."""
+    data = ctx.calibration
+    if data is None:
+        if not ctx.example_inputs:
+            raise ConfigError("calibration: no calibration data and no example inputs; pass calibration=[(x,), ...]")
+        data = [tuple(ctx.example_inputs)]
+    data = list(data)
+    if not data:
+        raise ConfigError("calibration set is empty; pass calibration=[(x1,), (x2,), ...] (a list of input "
+                          "tuples), or calibration=None to calibrate on the example inputs")
+    batches = [item if isinstance(item, (tuple, list)) else (item,) for item in data]
+    return [tuple(b) for b in (batches[:max_batches] if max_batches > 0 else batches)]

@@ -102,8 +102,9 @@ def normalise_value(pattern: str, value: Any) -> dict:
         return {"float": True}
     v.pop("float", None)
     bits = v.get("bits")
-    if "bits" in v and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
-        raise ConfigError(f"{where}: bits must be an integer in 2..8, got {bits!r} (use 'float' to keep fp32)")
+    if "bits" in v and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in (8, 4, 3, 2)):
+        raise ConfigError(f"{where}: bits must be one of (8, 4, 3, 2) like compile_lowbit's bits, got {bits!r} "
+                          f"(use 'float' to keep fp32)")
     if "scheme" in v and v["scheme"] not in SCHEMES:
         raise ConfigError(f"{where}: scheme must be one of {SCHEMES} (or 'float': True), got {v['scheme']!r}")
     if "group" in v:

@@ -16,6 +16,7 @@ from tabulate import tabulate
 from torch import nn
 
 from . import ir
+from .ir import UNQUANTIZED_WEIGHT_OPS, float_weights as _float_weights
 from .errors import InputError
 from .ops import LowbitLinear, _LowbitBase, is_lowered
 
@@ -39,11 +40,23 @@ def node_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
         module = None
         if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), _LowbitBase):
             op = "linear" if isinstance(module, LowbitLinear) else f"conv{module.dims}d"
-            n_out, k = module.codes.shape
+            n_out, k = module.code_shape
             weight = f"{k}->{n_out}"
-            nbytes = module.qweight.nbytes() + (0 if module.bias is None else module.bias.numel() * 4)
-            params = module.codes.numel()
+            nbytes = module.nbytes() + (0 if module.bias is None else module.bias.numel() * 4)
+            params = n_out * k
             backend = module.backend
+        elif node.op == "call_function" and node.target in UNQUANTIZED_WEIGHT_OPS:
+            weights = _float_weights(gm, node)
+            if not weights:
+                continue
+            op = node.target.__name__.split(".")[0]
+            params = sum(t.numel() for t in weights if t.dim() >= 2)
+            weight = f"{params} params"
+            nbytes = sum(t.numel() * t.element_size() for t in weights)
+            rows.append({"node": node.name, "module": node.meta.get(ir.MODULE, ""), "op": op, "weight": weight,
+                         "format": "float", "bits": 32, "decided_by": "no quantized kernel", "bytes": nbytes,
+                         "fp32_bytes": nbytes, "params": params, "sqnr_db": None, "backend": "torch"})
+            continue
         elif ir.is_quantizable(node):
             w = ir.node_weight(gm, node)
             op = node.target.__name__.split(".")[0]
@@ -68,11 +81,40 @@ def node_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(rows: list[dict], total_bytes: int, fp32_total: int) -> dict[str, Any]:
+def unquantized_weight_warning(rows: list[dict]) -> str | None:
+    """The warning compile_lowbit gives when weights of ops it cannot quantize (LSTM/GRU) stay fp32."""
+    kept = [r for r in rows if r["decided_by"] == "no quantized kernel"]
+    if not kept or all(r["format"] == "float" for r in rows):  # nothing was quantized: nothing to warn about
+        return None
+    total = sum(r["params"] for r in rows) or 1
+    share = sum(r["params"] for r in kept) / total
+    names = ", ".join(f"{r['module'] or r['node']} ({r['op']}, {r['params']} weights)" for r in kept[:4])
+    avg = summarize(rows, 1, 1)["avg_weight_bits"]
+    return (f"{share:.0%} of the weights stay fp32 because fxquant has no quantized kernel for them: {names}. "
+            f"They count at 32 bits in the report (average weight bits {avg:.2f}). For recurrent layers use "
+            f"torch.ao.quantization.quantize_dynamic, or compile the other parts with submodules=[...]")
+
+
+def attention_line(gm: fx.GraphModule) -> str:
+    """A report line for the lossy step that is not a weight format: constant attention K/V as int8."""
+    from .ops import FusedAttention
+
+    ops = [m for m in gm.modules() if isinstance(m, FusedAttention)]
+    if not ops:
+        return ""
+    n8 = sum(bool(m.kv_int8) for m in ops)
+    return (f"\nattention: {len(ops)} fused ops; {n8} read constant keys/values as per-row int8 "
+            f"(compile option kv_bits=None keeps them float32)")
+
+
+def summarize(rows: list[dict], total_bytes: int, fp32_total: int, resident: int | None = None) -> dict[str, Any]:
     params = sum(r["params"] for r in rows)
     avg_bits = sum(r["bits"] * r["params"] for r in rows) / params if params else 32.0
-    return {"weight_nodes": len(rows), "avg_weight_bits": avg_bits, "model_bytes": total_bytes,
-            "fp32_bytes": fp32_total, "compression": fp32_total / total_bytes if total_bytes else float("nan")}
+    out = {"weight_nodes": len(rows), "avg_weight_bits": avg_bits, "model_bytes": total_bytes,
+           "fp32_bytes": fp32_total, "compression": fp32_total / total_bytes if total_bytes else float("nan")}
+    if resident is not None:
+        out["resident_bytes"] = resident  # what the weights really occupy: packed + kernels' copies + float tensors
+    return out
 
 
 def render_report(rows: list[dict], summary: dict, timings=None) -> str:
@@ -83,6 +125,8 @@ def render_report(rows: list[dict], summary: dict, timings=None) -> str:
     text += (f"\n\nmodel bytes {_fmt_bytes(summary['model_bytes'])} (fp32 {_fmt_bytes(summary['fp32_bytes'])}, "
              f"{summary['compression']:.2f}x smaller); average weight bits {summary['avg_weight_bits']:.2f} "
              f"over {summary['weight_nodes']} weight nodes")
+    if summary.get("resident_bytes") is not None:
+        text += f"; resident weight memory {_fmt_bytes(summary['resident_bytes'])} (ops + kernels)"
     if timings:
         text += "\n\n" + tabulate([[t.name, f"{t.seconds * 1e3:.1f}", "yes" if t.changed else "", t.message]
                                    for t in timings], headers=["pass", "ms", "changed", "result"], tablefmt="simple")
@@ -97,10 +141,10 @@ def tensor_bytes(module: nn.Module) -> int:
     total, seen = 0, set()
     for mod in module.modules():
         if is_lowered(mod):
-            key = mod.codes.untyped_storage().data_ptr()
+            key = mod.scales.untyped_storage().data_ptr()  # tied ops share their scales
             if key not in seen:
                 seen.add(key)
-                total += mod.qweight.nbytes()
+                total += mod.nbytes()
             if getattr(mod, "bias", None) is not None:
                 total += mod.bias.numel() * 4
             continue
@@ -111,13 +155,31 @@ def tensor_bytes(module: nn.Module) -> int:
     return total
 
 
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct tensor storage the module keeps: parameters, buffers, lowered ops' packed
+    codes and their attached kernels' copies (what loading the model costs in memory)."""
+    storages = {}
+    for mod in module.modules():
+        tensors = [t for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None]
+        if hasattr(mod, "resident_tensors"):
+            tensors += mod.resident_tensors()
+        for t in tensors:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
+
+
 class CompiledModule(nn.Module):
     """The compiled model: call it like the original; `.graph_module`, `.report()`, `.report_rows()`."""
 
     def __init__(self, gm: fx.GraphModule, pipeline: str, timings=None, config=None, signature=None,
-                 name: str = "", fp32_bytes: int | None = None, example_inputs: tuple | None = None):
+                 name: str = "", fp32_bytes: int | None = None, example_inputs: tuple | None = None,
+                 input_spec=None):
         super().__init__()
+        from .input_spec import InputSpec
+
         self.graph_module = gm
+        self.input_spec = input_spec if input_spec is not None else InputSpec.from_graph(gm)
         self.example_inputs = example_inputs
         self.pipeline = pipeline
         self.timings = list(timings or [])
@@ -135,6 +197,7 @@ class CompiledModule(nn.Module):
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args, kwargs = tuple(bound.arguments.values()), {}
+        self.input_spec.check(args)
         try:
             return self.graph_module(*args)
         except AssertionError as exc:
@@ -150,7 +213,8 @@ class CompiledModule(nn.Module):
         return node_rows(self.graph_module)
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.report_rows(), tensor_bytes(self.graph_module), self.fp32_bytes)
+        return summarize(self.report_rows(), tensor_bytes(self.graph_module), self.fp32_bytes,
+                         resident_bytes(self.graph_module))
 
     def report(self, passes: bool = False, profile: bool = False, inputs: tuple | None = None) -> str:
         """Per-node table (format, who decided, bytes, SQNR, backend) and a summary line.
@@ -161,6 +225,7 @@ class CompiledModule(nn.Module):
         """
         title = f"fxquant report{f' for {self.name}' if self.name else ''} (pipeline: {self.pipeline})\n"
         text = title + render_report(self.report_rows(), self.summary(), self.timings if passes else None)
+        text += attention_line(self.graph_module)
         if profile:
             from .profiling import profile as run_profile, render_profile
 
@@ -212,7 +277,13 @@ class CompiledSubmodules(nn.Module):
         return [dict(r, node=f"{n}:{r['node']}") for n, cm in self.compiled.items() for r in cm.report_rows()]
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.report_rows(), tensor_bytes(self.model), self.fp32_bytes)
+        return summarize(self.report_rows(), tensor_bytes(self.model), self.fp32_bytes, resident_bytes(self.model))
+
+    def save(self, directory) -> "Path":
+        """Write every compiled part (no pickle); reload with fxquant.load(directory, model=float_model)."""
+        from .artifact_parts import save_parts
+
+        return save_parts(self, directory)
 
     def report(self, passes: bool = False) -> str:
         return "\n\n".join(cm.report(passes) for cm in self.compiled.values()) + \

@@ -31,10 +31,10 @@ from .errors import ConfigError
 from .formats import weight_bytes
 from .quantizers import nodes as qn
 
-CANDIDATES = {  # scheme option -> candidate (bits, scheme) list
-    "uniform": ((8, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform")),
-    "codebook": ((8, "uniform"), (4, "codebook"), (3, "codebook"), (2, "codebook")),
-    "auto": ((8, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform"),
+CANDIDATES = {  # scheme option -> candidate (bits, scheme) list; >= 5 bits per channel, <= 4 per group
+    "uniform": ((8, "uniform"), (6, "uniform"), (5, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform")),
+    "codebook": ((8, "uniform"), (6, "uniform"), (4, "codebook"), (3, "codebook"), (2, "codebook")),
+    "auto": ((8, "uniform"), (6, "uniform"), (5, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform"),
              (4, "codebook"), (3, "codebook"), (2, "codebook")),
 }
 
@@ -128,7 +128,10 @@ def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
         rule = max(ruled, key=lambda r: (-rules_mod.KINDS.index(r.kind), r.order)) if ruled else None
         where = f"rule {rule.pattern!r} on node {names[0]!r}" if rule else f"node {names[0]!r}"
         spec = rule.value if rule else {}
-        if rule is not None and rule.pins:
+        decided = config.get("decisions") or {}
+        if names[0] in decided:        # an outer planner (e.g. one budget over several graphs) decided
+            grp.pinned = decided[names[0]]
+        elif rule is not None and rule.pins:
             grp.pinned = rules_mod.make_decision(spec, config, k, f"rule:{rule.pattern}", where)
         elif rule is None and depthwise_bits is not None and all(info[n][1] == "depthwise" for n in names):
             spec_dw = {"bits": depthwise_bits, "scheme": "uniform", "granularity": "channel"}
@@ -142,7 +145,7 @@ def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
                 if "scheme" in spec and spec["scheme"] != sch:
                     continue
                 cand_spec = {**spec, "bits": bits, "scheme": sch}
-                if bits == 8 or sch == "codebook":
+                if bits >= 5 or sch == "codebook":
                     cand_spec.setdefault("granularity", "channel")
                     if "group" in spec and sch == "codebook":
                         cand_spec["granularity"] = "group"

@@ -1,4 +1,10 @@
-"""Capture a model as the canonical fx graph (see fxquant.ir): torch.export first, symbolic_trace second.
+"""Capture a model as the canonical fx graph (see fxquant.ir) with a ladder of tracers.
+
+Rungs, in order: torch.export with dynamic batch/time dims, torch.export with the example inputs'
+static shapes, then fx.symbolic_trace (lowered through a static export). Each rung runs on fresh
+copies of the example inputs: torch.export marks the tensors it traced dynamically
+(`_dynamo_weak_dynamic_indices`), and a failed dynamic attempt would otherwise make the static one
+fail the same way. When every rung fails, the CaptureError lists what each one said.
 
 Example:
     >>> import torch
@@ -23,6 +29,11 @@ from . import ir
 from .errors import CaptureError, ConfigError
 
 METHODS = ("auto", "export", "symbolic")
+RUNGS = {"auto": ("export-dynamic", "export-static", "symbolic"), "export": ("export-dynamic", "export-static"),
+         "symbolic": ("symbolic",)}
+RUNG_LABELS = {"export-dynamic": "torch.export with dynamic batch/time dims",
+               "export-static": "torch.export with the example inputs' static shapes",
+               "symbolic": "torch.fx.symbolic_trace"}
 _TORCH_DIR = str(Path(torch.__file__).parent)
 REMEDIES = (
     "Remedies: (1) compile only the traceable parts and keep your own Python loop: "
@@ -46,6 +57,12 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple:
         if not isinstance(arg, (torch.Tensor, int, float, bool, type(None))):
             raise ConfigError(f"example_inputs[{i}] is a {type(arg).__name__}; fxquant accepts tensors and "
                               f"plain numbers/bools/None as positional arguments")
+        if isinstance(arg, torch.Tensor) and arg.device.type != "cpu":
+            raise ConfigError(f"example_inputs[{i}] is on device {arg.device}; fxquant compiles for the CPU and "
+                              f"needs real example values: pass a CPU tensor with data")
+        if isinstance(arg, torch.Tensor) and 0 in arg.shape:
+            raise ConfigError(f"example_inputs[{i}] has shape {tuple(arg.shape)} with a zero-size dimension; "
+                              f"calibration needs data: give at least one sample along every dimension")
         if isinstance(arg, torch.Tensor) and arg.is_floating_point() and (
                 torch.isnan(arg).any() or torch.isposinf(arg).any()):
             raise ConfigError(f"example_inputs[{i}] contains NaN or +Inf; give finite example inputs "
@@ -99,17 +116,22 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "auto") -> fx
                                f"{_describe(example_inputs)}{where}: {exc}\nCheck the inputs' number, "
                                f"shapes and dtypes against {type(model).__name__}.forward.") from exc
         failures: list[tuple[str, BaseException]] = []
-        order = ("export", "symbolic") if method == "auto" else (method,)
-        for how in order:
+        for rung in RUNGS[method]:
             try:
                 with quiet_torch_logs():
-                    gm = _export(model, example_inputs) if how == "export" else _symbolic(model, example_inputs)
+                    gm = _RUNG_FNS[rung](model, _fresh(example_inputs))
             except Exception as exc:
-                failures.append((how, exc))
+                failures.append((rung, exc))
                 continue
-            canonicalize(gm, how)
+            canonicalize(gm, "symbolic" if rung == "symbolic" else "export")
+            gm.meta["fxquant_capture_rung"] = rung
             return gm
     raise CaptureError(_failure_message(model, failures, names))
+
+
+def _fresh(example_inputs: tuple) -> tuple:
+    """New tensor objects with the same values: a tracer's marks on one attempt's inputs stay there."""
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs)
 
 
 def _dynamic_spec(example_inputs: tuple) -> tuple:
@@ -123,19 +145,25 @@ def _dynamic_spec(example_inputs: tuple) -> tuple:
                  and a.dim() else None for a in example_inputs)
 
 
-def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    try:  # dynamic where the model allows it (batch and time lengths usually do)
-        ep = torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_spec(example_inputs), strict=False)
-    except Exception:
-        ep = torch.export.export(model, example_inputs, strict=False)
-    return ep.module()
+def _export_dynamic(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Dynamic where the model allows it (batch and time lengths usually do)."""
+    return torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_spec(example_inputs),
+                               strict=False).module()
+
+
+def _export_static(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Every size fixed to the example inputs' (call with those sizes, or compile once per size)."""
+    return torch.export.export(model, example_inputs, strict=False).module()
 
 
 def _symbolic(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """fx.symbolic_trace, then a static export of the traced module to reach the ATen canonical form."""
     traced = fx.symbolic_trace(model)
     ep = torch.export.export(traced, example_inputs, strict=False)  # lower to the ATen canonical form
     return ep.module()
 
+
+_RUNG_FNS = {"export-dynamic": _export_dynamic, "export-static": _export_static, "symbolic": _symbolic}
 
 _PATH_PATTERNS = [
     (re.compile(r"^L\['self'\]\.?"), ""), (re.compile(r"^L__self___?"), ""),
@@ -219,8 +247,7 @@ def _first_lines(exc: BaseException, limit: int = 8) -> str:
 
 def _failure_message(model: nn.Module, failures: list, names: dict[int, str]) -> str:
     lines = [f"could not capture {type(model).__name__} as an fx graph."]
-    for how, exc in failures:
-        tracer = "torch.export" if how == "export" else "torch.fx.symbolic_trace"
-        lines.append(f"  {tracer} failed{_locate(exc, names) or ''}:\n      {_first_lines(exc)}")
+    for rung, exc in failures:
+        lines.append(f"  {RUNG_LABELS[rung]} failed{_locate(exc, names) or ''}:\n      {_first_lines(exc)}")
     lines.append(REMEDIES)
     return "\n".join(lines)

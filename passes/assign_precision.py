@@ -59,11 +59,13 @@ def assign_precision(gm: fx.GraphModule, ctx) -> PassResult:
     groups = plan(gm, config)
     by_name = {n.name: n for n in gm.graph.nodes}
     metric = "bits" if mode == "bits" else "bytes"
-    total_params = sum(g.params for g in groups)
+    float_params = ir.unquantized_weight_params(gm)       # LSTM/GRU weights stay fp32 and count at 32 bits
+    total_params = sum(g.params for g in groups) + float_params
     free = [g for g in groups if g.pinned is None]
     if free:
         limit = budget * total_params if mode == "bits" else budget
-        pinned_cost = sum(g.cost(g.pinned, metric) for g in groups if g.pinned is not None)
+        pinned_cost = sum(g.cost(g.pinned, metric) for g in groups if g.pinned is not None) + \
+            (32 * float_params if metric == "bits" else 4 * float_params)
         options = []
         for g in free:
             sens = by_name[g.names[0]].meta.get(ir.SENSITIVITY) or {}
@@ -86,8 +88,8 @@ def assign_precision(gm: fx.GraphModule, ctx) -> PassResult:
                               f"{'bits' if mode == 'bits' else 'bytes'})") from None
         for g, j in zip(free, picks):
             g.pinned = g.candidates[j]
-    bits_sum = sum(g.cost(g.pinned, "bits") for g in groups)
-    bytes_sum = sum(g.cost(g.pinned, "bytes") for g in groups)
+    bits_sum = sum(g.cost(g.pinned, "bits") for g in groups) + 32 * float_params
+    bytes_sum = sum(g.cost(g.pinned, "bytes") for g in groups) + 4 * float_params
     for g in groups:
         for name in g.names:
             ir.set_decision(by_name[name], g.pinned, PASS)

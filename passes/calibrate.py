@@ -24,18 +24,15 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.errors import ConfigError
 from fxquant.progress import Progress
 from fxquant.quantizers import nodes as qn
-from fxquant.registry import PassResult, register_pass
+from fxquant.registry import PassResult, calibration_batches, register_pass  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -119,21 +116,6 @@ class NodeObserver(RangeObserver):
         out.update(channel_absmax=self.channel_absmax, rows=self.rows, batches=self.batches,
                    hdiag=self.hdiag / n, H=None if self.h is None else self.h / n)
         return out
-
-
-def calibration_batches(ctx, max_batches: int = 0) -> list[tuple]:
-    """ctx.calibration as a list of input tuples (example inputs when None); ConfigError when empty."""
-    data = ctx.calibration
-    if data is None:
-        if not ctx.example_inputs:
-            raise ConfigError("calibration: no calibration data and no example inputs; pass calibration=[(x,), ...]")
-        data = [tuple(ctx.example_inputs)]
-    data = list(data)
-    if not data:
-        raise ConfigError("calibration set is empty; pass calibration=[(x1,), (x2,), ...] (a list of input "
-                          "tuples), or calibration=None to calibrate on the example inputs")
-    batches = [item if isinstance(item, (tuple, list)) else (item,) for item in data]
-    return [tuple(b) for b in (batches[:max_batches] if max_batches > 0 else batches)]
 
 
 class _Recorder(fx.Interpreter):

@@ -6,7 +6,9 @@ ctx.state["qweights"][node.name] (computed by quantize; computed here when missi
 - a following relu / gelu (exact) / silu that is the node's only user is fused as the epilogue;
 - weight / bias get_attrs left without users are erased and the fp32 tensors deleted from the module;
 - decision.act_mode == "static" uses StaticLowbitLinear / StaticLowbitConv (fixed input scale
-  absmax / 127 from calibration; see below); meta is copied and provenance added.
+  absmax / 127 from calibration; see below); meta is copied and provenance added;
+- the calibrated second moments H ([K, K] float64, read only by quantize) are dropped from every
+  node's ACT_STATS, so the compiled model does not carry 8*K^2 bytes per layer.
 Option io_qdq=True also inserts explicit int8 quantize -> dequantize nodes (`quantize_int8`,
 `dequantize_int8`, per-tensor scale = calibrated absmax / 127) after every float graph input and
 before every graph output.
@@ -29,10 +31,8 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.errors import ConfigError
 from fxquant.graphutil import fresh_submodule_name
-from fxquant.ops import LowbitConv, LowbitLinear, apply_epilogue
-from fxquant.qweight import QuantizedWeight, group_accumulators
+from fxquant.lowering import StaticLowbitConv, StaticLowbitLinear, make_op, static_linear  # noqa: F401 (re-exported)
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, register_pass
 
@@ -55,87 +55,6 @@ def dequantize_int8(q: torch.Tensor, scale: float) -> torch.Tensor:
     return q.float() * scale
 
 
-def static_linear(x: torch.Tensor, qw: QuantizedWeight, bias, act_scale: torch.Tensor) -> torch.Tensor:
-    """Like qweight.reference_linear but with one calibrated activation scale for every row."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    s = act_scale.float()
-    xq = torch.clamp(torch.round(x2 / s), -127, 127).to(torch.int8)
-    y = (group_accumulators(xq, qw).float() * qw.scales[None]).sum(-1) * s
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*lead, qw.codes.shape[0])
-
-
-class _StaticForward:
-    """forward for static-scale ops: a kernel only when it implements the static activation scale."""
-
-    def forward(self, x):
-        if self.kernel is not None and getattr(self.kernel, "supports_static_act", False):
-            return self.kernel(x)
-        return self.reference(x)
-
-
-class StaticLowbitLinear(_StaticForward, LowbitLinear):
-    """LowbitLinear with a static (calibrated, per-tensor) int8 activation scale."""
-
-    def __init__(self, qw, bias, act_scale: float, epilogue=None):
-        super().__init__(qw, bias, 8, epilogue)
-        self.act_mode = "static"
-        self.register_buffer("act_scale", torch.tensor(float(act_scale)))
-
-    def reference(self, x):
-        return apply_epilogue(static_linear(x, self.qweight, self.bias, self.act_scale), self.epilogue).to(x.dtype)
-
-
-class StaticLowbitConv(_StaticForward, LowbitConv):
-    """LowbitConv (groups == 1) with a static int8 activation scale on the im2col rows."""
-
-    def __init__(self, qw, bias, weight_shape, stride, padding, dilation, groups, act_scale: float, epilogue=None):
-        super().__init__(qw, bias, weight_shape, stride, padding, dilation, groups, 8, epilogue)
-        self.act_mode = "static"
-        self.register_buffer("act_scale", torch.tensor(float(act_scale)))
-
-    def reference(self, x):
-        if self.groups != 1:
-            return super().reference(x)
-        kernel = self.weight_shape[2:]
-        rows = qn.conv_rows(x, kernel, self.stride, self.padding, self.dilation, 1)
-        y = static_linear(rows, self.qweight, self.bias, self.act_scale)            # [N*L, Cout]
-        shape = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                 zip(x.shape[2:], kernel, self.stride, self.padding, self.dilation)]
-        y = y.view(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *shape)
-        return apply_epilogue(y, self.epilogue).to(x.dtype)
-
-
-def make_op(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, epilogue: str | None = None) -> torch.nn.Module:
-    """The lowered module for a node given its QuantizedWeight and decision."""
-    d: ir.QuantDecision = node.meta[ir.DECISION]
-    b = qn.bias_of(node)
-    bias = ir.get_attr_value(gm, b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-    if isinstance(b, fx.Node) and b.op != "get_attr":
-        raise ConfigError(f"{qn.describe(node)}: the bias is computed in the graph ({b.name}); lowering needs a "
-                          f"constant bias (run const-fold first) or keep the node float with a rule")
-    static = d.act_mode == "static" and d.act_bits == 8
-    scale = None
-    if static:
-        stats = node.meta.get(ir.ACT_STATS)
-        if not stats:
-            raise ConfigError(f"{qn.describe(node)}: act_mode='static' needs calibrated activation ranges; run "
-                              f"the calibrate pass before lower")
-        scale = max(stats["absmax"], 1e-12) / 127.0
-    if node.target in ir.LINEAR_TARGETS:
-        if static:
-            return StaticLowbitLinear(qw, bias, scale, epilogue)
-        return LowbitLinear(qw, bias, d.act_bits, epilogue)
-    w = ir.node_weight(gm, node)
-    stride, padding, dilation, groups = qn.conv_args(node)
-    args = (qw, bias, tuple(w.shape), list(stride), list(padding), list(dilation), groups)
-    if static and groups == 1:
-        return StaticLowbitConv(*args, scale, epilogue)
-    return LowbitConv(*args, d.act_bits, epilogue)
-
-
 def _submodule_name(gm: fx.GraphModule, node: fx.Node) -> str:
     return fresh_submodule_name(gm, ir.module_of(node) or node.name)
 
@@ -151,6 +70,15 @@ def _drop_attr(gm: fx.GraphModule, node: fx.Node) -> None:
     owner = gm.get_submodule(owner_path) if owner_path else gm
     if hasattr(owner, attr):
         delattr(owner, attr)
+
+
+def _drop_second_moments(gm: fx.GraphModule) -> None:
+    """Remove the [K, K] float64 second moments H from ACT_STATS: only quantize (gptq) reads them, and
+    kept in the compiled model's meta they cost 8*K^2 bytes per layer (768 MiB for six 4096-wide layers)."""
+    for node in gm.graph.nodes:
+        stats = node.meta.get(ir.ACT_STATS)
+        if isinstance(stats, dict) and stats.get("H") is not None:
+            stats.pop("H")  # in place: erased nodes and copies of this meta share the dict
 
 
 def _insert_qdq(gm: fx.GraphModule, ctx) -> int:
@@ -219,6 +147,7 @@ def lower(gm: fx.GraphModule, ctx) -> PassResult:
             _drop_attr(gm, bias_node)
         lowered += 1
     qdq = _insert_qdq(gm, ctx) if opts.io_qdq else 0
+    _drop_second_moments(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -14,7 +14,7 @@ ops, with the reason in their provenance.
 Example:
     ...,lower,lower-attention,codegen
     lower-attention{max_query_rows=1}    # only single-token decode calls use the kernel
-    lower-attention{constant_kv=float32} # keep constant keys/values in float32
+    lower-attention{constant_kv=float32} # keep constant keys/values in float32 (or compile option kv_bits=None)
 """
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def lower_attention(gm: fx.GraphModule, ctx) -> PassResult:
         raise ConfigError(f"{PASS}: max_query_rows must be >= 1, got {opts.max_query_rows}")
     if opts.constant_kv not in KV_FORMATS:
         raise ConfigError(f"{PASS}: constant_kv must be one of {KV_FORMATS}, got {opts.constant_kv!r}")
+    constant_kv = "float32" if "kv_bits" in (ctx.config or {}) and ctx.config["kv_bits"] is None else opts.constant_kv
     mutated = _mutated_inputs(gm)
     lowered = kept = int8 = 0
     for node in list(gm.graph.nodes):
@@ -115,7 +116,7 @@ def lower_attention(gm: fx.GraphModule, ctx) -> PassResult:
             continue
         head_dim = int(_fake(args["query"]).shape[-1])
         roots = [_input_root(args[n]) for n in ("key", "value")]
-        kv_int8 = opts.constant_kv == "int8" and all(r is not None and r not in mutated for r in roots)
+        kv_int8 = constant_kv == "int8" and all(r is not None and r not in mutated for r in roots)
         int8 += kv_int8
         name = fresh_submodule_name(gm, (ir.module_of(node) or node.name) + "_attention")
         gm.add_submodule(name, FusedAttention(head_dim, args.get("scale"), opts.max_query_rows, kv_int8))

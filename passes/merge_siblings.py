@@ -28,7 +28,7 @@ aten = torch.ops.aten
 
 
 def _merge_key(mod: LowbitLinear) -> tuple:
-    return (mod.codes.shape[1], mod.bits, mod.group_size, mod.scheme, mod.act_bits, mod.epilogue)
+    return (mod.code_shape[1], mod.bits, mod.group_size, mod.scheme, mod.act_bits, mod.epilogue)
 
 
 def _sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -43,12 +43,19 @@ def _sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 
 
+MAX_NAME = 120   # artifact module names are at most 200 characters
+
+
 def _merged_module_name(nodes: list[fx.Node]) -> str:
+    """'attn.query+key+value' for siblings of one parent; 'first.path+7more' when the joined name is long
+    (e.g. the key/value projections of every decoder layer reading the same audio features)."""
     paths = [ir.module_of(n) or n.name for n in nodes]
     prefix = paths[0].rsplit(".", 1)[0] if "." in paths[0] else ""
     if prefix and all(p.startswith(prefix + ".") for p in paths):
-        return prefix + "." + "+".join(p[len(prefix) + 1:] for p in paths)
-    return "+".join(paths)
+        name = prefix + "." + "+".join(p[len(prefix) + 1:] for p in paths)
+    else:
+        name = "+".join(paths)
+    return name if len(name) <= MAX_NAME else f"{paths[0]}+{len(paths) - 1}more"
 
 
 def _merge(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -56,7 +63,7 @@ def _merge(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     qw = concat_rows([m.qweight for m in mods])
     bias = None
     if any(m.bias is not None for m in mods):
-        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.codes.shape[0]) for m in mods])
+        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.code_shape[0]) for m in mods])
     merged = LowbitLinear(qw, bias, act_bits=mods[0].act_bits, epilogue=mods[0].epilogue)
     module_path = _merged_module_name(nodes)
     name = fresh_submodule_name(gm, module_path)
@@ -74,7 +81,7 @@ def _merge(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     ir.add_provenance(call, PASS, "rows of " + ", ".join(n.name for n in nodes))
     start, anchor = 0, call
     for node, mod in zip(nodes, mods):
-        end = start + mod.codes.shape[0]
+        end = start + mod.code_shape[0]
         with gm.graph.inserting_after(anchor):
             part = anchor = gm.graph.call_function(aten.slice.Tensor, (call, -1, start, end))
         ir.copy_meta(node, part)

@@ -9,6 +9,10 @@ back to nearest rounding, noted in provenance). meta[ir.QUANT_STATS] on every qu
      sample (None without calibration)}.
 Float nodes get bytes == fp32_bytes and sqnr_db inf.
 
+Speed: each layer is a pure function of (weight, format, statistics) and the layers run in
+`map_layers` (threads, one torch thread each); results go through the compile's shared
+`quant_cache(ctx)`, so a format the sensitivity sweep already quantized is not quantized again.
+
 Example:
     >>> import torch, fxquant.tracing as c
     >>> from fxquant.registry import PassContext
@@ -17,37 +21,81 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, TypeVar
+
 import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.formats import quantize_weight, sqnr_db
+from fxquant.formats import QuantCache, quant_cache, sqnr_db
+from fxquant.lowering import make_op
 from fxquant.qweight import QuantizedWeight
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, register_pass
 
 PASS = "quantize"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def quantize_node(gm: fx.GraphModule, node: fx.Node) -> QuantizedWeight:
-    """QuantizedWeight of one decided node (uses meta ACT_STATS when present)."""
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n torch intra-op threads (restored afterwards)."""
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
+
+
+def map_layers(fn: Callable[[T], R], items: list[T], workers: int | None = None) -> list[R]:
+    """[fn(x) for x in items], spread over `workers` threads (default: torch's thread count), each
+    running torch single-threaded.
+
+    One layer per thread and no intra-op barriers: on a busy machine a preempted worker delays its
+    own layer only, instead of stalling every element-wise op of every layer. fn must be a pure
+    function of its item (results come back in order; exceptions propagate).
+    """
+    workers = max(1, min(len(items), workers or torch.get_num_threads(), os.cpu_count() or 1))
+    with torch_threads(1):
+        if workers == 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(workers, thread_name_prefix="fxquant-quantize") as pool:
+            return list(pool.map(fn, items))
+
+
+def _quant_args(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
+    """(keyword arguments of quantize_weight for a decided node, provenance note or None)."""
     d: ir.QuantDecision = node.meta[ir.DECISION]
     stats = node.meta.get(ir.ACT_STATS) or {}
     hessian = stats.get("H") if d.rounding == "gptq" else None
-    rounding = d.rounding
+    rounding, note = d.rounding, None
     if rounding == "gptq" and hessian is None:
         rounding = "nearest"
         why = "no calibration H (run calibrate)" if not stats else "H not collected (grouped conv or K too large)"
-        ir.add_provenance(node, PASS, f"gptq -> nearest rounding: {why}")
-    return quantize_weight(ir.node_weight(gm, node), d.weight_bits, d.scheme, d.granularity, d.group_size,
-                           d.symmetric, hdiag=stats.get("hdiag"), hessian=hessian, rounding=rounding,
-                           where=qn.describe(node))
+        note = f"gptq -> nearest rounding: {why}"
+    args = dict(weight=ir.node_weight(gm, node), bits=d.weight_bits, scheme=d.scheme, granularity=d.granularity,
+                group_size=d.group_size, symmetric=d.symmetric, hdiag=stats.get("hdiag"), hessian=hessian,
+                rounding=rounding, where=qn.describe(node))
+    return args, note
+
+
+def quantize_node(gm: fx.GraphModule, node: fx.Node, cache: QuantCache | None = None) -> QuantizedWeight:
+    """QuantizedWeight of one decided node (uses meta ACT_STATS when present)."""
+    args, note = _quant_args(gm, node)
+    if note:
+        ir.add_provenance(node, PASS, note)
+    return (cache or QuantCache(max_bytes=0)).quantize(**args)
 
 
 def output_sqnr(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, x: torch.Tensor) -> float:
     """SQNR (dB) of the lowered op's output vs the fp32 op on input x."""
-    from .lower import make_op
-
     w = ir.node_weight(gm, node)
     b = qn.bias_of(node)
     bias = ir.get_attr_value(gm, b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
@@ -59,25 +107,41 @@ def output_sqnr(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, x: torch
 
 @register_pass(PASS, kind="analysis")
 def quantize(gm: fx.GraphModule, ctx) -> PassResult:
-    """Compute QuantizedWeight + QUANT_STATS for every decided node."""
+    """Compute QuantizedWeight + QUANT_STATS for every decided node (layers in parallel threads)."""
     qweights = ctx.state.setdefault("qweights", {})
     samples = ctx.state.get("calib_samples") or {}
+    cache = quant_cache(ctx)
+    todo = []
+    for node in gm.graph.nodes:
+        d = node.meta.get(ir.DECISION)
+        if ir.is_quantizable(node) and d is not None and d.weight_bits is not None:
+            args, note = _quant_args(gm, node)
+            if note:
+                ir.add_provenance(node, PASS, note)
+            todo.append((node, args))
+
+    def work(item: tuple[fx.Node, dict]) -> tuple[QuantizedWeight, float | None]:
+        node, args = item
+        qw = cache.quantize(**args)
+        sample = samples.get(node.name)
+        return qw, None if sample is None else output_sqnr(gm, node, qw, sample)
+
+    done = dict(zip((n.name for n, _ in todo), map_layers(work, todo)))
     count, total, fp32 = 0, 0, 0
     for node in gm.graph.nodes:
         if not ir.is_quantizable(node):
             continue
         w = ir.node_weight(gm, node)
-        d = node.meta.get(ir.DECISION)
         stats = {"params": w.numel(), "fp32_bytes": 4 * w.numel()}
-        if d is None or d.weight_bits is None:
+        if node.name not in done:
             stats.update(bytes=4 * w.numel(), sqnr_db=float("inf"))
         else:
-            qw = quantize_node(gm, node)
+            d = node.meta[ir.DECISION]
+            qw, sqnr = done[node.name]
             qweights[node.name] = qw
-            sample = samples.get(node.name)
-            stats.update(bytes=qw.nbytes(), sqnr_db=None if sample is None else output_sqnr(gm, node, qw, sample))
+            stats.update(bytes=qw.nbytes(), sqnr_db=sqnr)
             ir.add_provenance(node, PASS, f"{d.label()}: {qw.nbytes()} bytes"
-                                          + (f", SQNR {stats['sqnr_db']:.1f} dB" if stats["sqnr_db"] is not None else ""))
+                                          + (f", SQNR {sqnr:.1f} dB" if sqnr is not None else ""))
             count += 1
         node.meta[ir.QUANT_STATS] = stats
         total += stats["bytes"]

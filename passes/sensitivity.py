@@ -6,6 +6,9 @@ Writes meta[ir.SENSITIVITY] = {decision label: error} on every member of each me
 Error metric (option `metric`): "mse" = ||y - y_fp32||^2 / ||y_fp32||^2 over all outputs,
 "kl" = mean KL(softmax(y_fp32) || softmax(y)) over the last dim, "auto" (default) = "kl" when the
 model's single output looks like log-probabilities (logsumexp == 0 along the last dim), else "mse".
+Config key `sensitivity_readout` (a callable (outputs, calibration index) -> logits) measures the
+error downstream instead: e.g. a Whisper encoder's candidates scored by the KL of the next-token
+distribution of the fp32 decoder run on the changed audio features ("kl" under "auto").
 
 Example:
     >>> import torch, fxquant.tracing as c
@@ -27,15 +30,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant import ir
-from fxquant.formats import quantize_weight
+from fxquant.formats import quant_cache, quantize_weight
 from fxquant.qweight import dequantize
 from fxquant.quantizers import nodes as qn
-from fxquant.registry import PassResult, register_pass
+from fxquant.registry import PassResult, calibration_batches, register_pass
 from fxquant.sensitivity import budget_mode, plan
 
 from fxquant.progress import Progress
 
-from .calibrate import calibration_batches
 
 METRICS = ("auto", "mse", "kl")
 
@@ -68,12 +70,14 @@ def output_error(ref: list[torch.Tensor], out: list[torch.Tensor], metric: str) 
     return num / max(den, 1e-30)
 
 
-def resolve_metric(metric: str, ref: list[torch.Tensor]) -> str:
+def resolve_metric(metric: str, ref: list[torch.Tensor], readout: bool = False) -> str:
     if metric not in METRICS:
         from fxquant.errors import ConfigError
         raise ConfigError(f"sensitivity option metric must be one of {METRICS}, got {metric!r}")
     if metric != "auto":
         return metric
+    if readout:   # a readout maps outputs to logits (e.g. a speech model's next-token scores)
+        return "kl"
     if len(ref) == 1 and ref[0].dim() >= 1 and ref[0].shape[-1] > 1:
         lse = torch.logsumexp(ref[0], -1)
         if lse.abs().max().item() < 1e-3:
@@ -113,12 +117,16 @@ def run_with_weights(gm: fx.GraphModule, batch: tuple, ref_env: dict, members: l
     return _Replay(gm).run(*batch, initial_env=env)
 
 
-def fake_quant(gm: fx.GraphModule, node: fx.Node, decision: ir.QuantDecision) -> torch.Tensor:
-    """Dequantized weight of a node in a decision's format (round-to-nearest, calibrated diag(H))."""
+def fake_quant(gm: fx.GraphModule, node: fx.Node, decision: ir.QuantDecision, cache=None) -> torch.Tensor:
+    """Dequantized weight of a node in a decision's format (round-to-nearest, calibrated diag(H)).
+
+    With the compile's QuantCache (fxquant.formats.quant_cache), the quantize pass reuses the result.
+    """
     w = ir.node_weight(gm, node)
     stats = node.meta.get(ir.ACT_STATS) or {}
-    qw = quantize_weight(w, decision.weight_bits, decision.scheme, decision.granularity, decision.group_size,
-                         decision.symmetric, hdiag=stats.get("hdiag"), where=qn.describe(node))
+    args = (w, decision.weight_bits, decision.scheme, decision.granularity, decision.group_size, decision.symmetric)
+    kwargs = dict(hdiag=stats.get("hdiag"), where=qn.describe(node))
+    qw = cache.quantize(*args, **kwargs) if cache is not None else quantize_weight(*args, **kwargs)
     return dequantize(qw).view_as(w)
 
 
@@ -133,13 +141,15 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
     groups = [g for g in plan(gm, config) if g.pinned is None]
     batches = calibration_batches(ctx, opts.max_batches)
     by_name = {n.name: n for n in gm.graph.nodes}
+    readout = config.get("sensitivity_readout") or (lambda out, i: out)
+    cache = quant_cache(ctx)
     with torch.no_grad():
         envs, refs = [], []
-        for b in batches:
+        for i, b in enumerate(batches):
             replay = _Replay(gm)
-            refs.append(_tensors(replay.run(*b)))
+            refs.append(_tensors(readout(replay.run(*b), i)))
             envs.append(replay.env)
-        metric = resolve_metric(opts.metric, refs[0])
+        metric = resolve_metric(opts.metric, refs[0], readout=config.get("sensitivity_readout") is not None)
         total = sum(len(g.candidates) for g in groups)
         bar = Progress("sensitivity", total, bool(ctx.progress))
         done = 0
@@ -147,9 +157,9 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
             members = [by_name[n] for n in grp.names]
             result = {}
             for cand in grp.candidates:
-                new = [fake_quant(gm, m, cand) for m in members]
-                errs = [output_error(r, _tensors(run_with_weights(gm, b, env, members, new)), metric)
-                        for r, b, env in zip(refs, batches, envs)]
+                new = [fake_quant(gm, m, cand, cache) for m in members]
+                errs = [output_error(r, _tensors(readout(run_with_weights(gm, b, env, members, new), i)), metric)
+                        for i, (r, b, env) in enumerate(zip(refs, batches, envs))]
                 result[cand.label()] = sum(errs) / len(errs)
                 done += 1
                 bar.step(done)

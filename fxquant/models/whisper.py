@@ -111,7 +111,7 @@ class ResidualAttentionBlock(nn.Module):
     def cached(self, x, mask, self_kv, positions, cross_k, cross_v):
         """One step on head-major caches; writes this step's keys/values into `self_kv` in place.
 
-        `self_kv` is this layer's (2, B, H, n_ctx, dh) cache; positions (L,) are the steps' slots, and
+        `self_kv` is this layer's (B, 2, H, n_ctx, dh) cache; positions (L,) are the steps' slots, and
         `mask` the additive (L, n_ctx) mask (-inf on slots a query must not see). Attention reads the
         whole cache through the mask, so the cache is never copied or concatenated.
         """
@@ -119,8 +119,8 @@ class ResidualAttentionBlock(nn.Module):
         n_head = self.attn.n_head
         q = _heads(self.attn.query(h), n_head)
         self_kv.index_copy_(3, positions, torch.stack([_heads(self.attn.key(h), n_head),
-                                                       _heads(self.attn.value(h), n_head)]))
-        att = F.scaled_dot_product_attention(q, self_kv[0], self_kv[1], attn_mask=mask)
+                                                       _heads(self.attn.value(h), n_head)], dim=1))
+        att = F.scaled_dot_product_attention(q, self_kv[:, 0], self_kv[:, 1], attn_mask=mask)
         x = x + self.attn.out(_merge_heads(att))
         h = self.cross_attn_ln(x)
         q = _heads(self.cross_attn.query(h), self.cross_attn.n_head)
@@ -174,25 +174,24 @@ class TextDecoder(nn.Module):
         return self._logits(x)
 
     def cross_cache(self, audio_features: torch.Tensor) -> torch.Tensor:
-        """Cross-attention keys/values of all layers, head-major and contiguous: (n_layer, 2, B, H, A, D/H).
+        """Cross-attention keys/values of all layers, batch-first and head-major: (B, n_layer, 2, H, A, D/H).
 
-        Computed once per utterance so that every `step` reads them without reshaping or copying.
+        Computed once per utterance so that every `step` reads them without reshaping or copying
+        (batch first, so that a compiled step keeps the batch size dynamic).
         """
         return torch.stack([torch.stack([_heads(b.cross_attn.key(audio_features), b.cross_attn.n_head),
-                                         _heads(b.cross_attn.value(audio_features), b.cross_attn.n_head)])
-                            for b in self.blocks])
+                                         _heads(b.cross_attn.value(audio_features), b.cross_attn.n_head)], dim=1)
+                            for b in self.blocks], dim=1)
 
     def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Zeroed self-attention cache, head-major: (n_layer, 2, B, H, n_text_ctx, D/H)."""
-        n_ctx, d = self.positional_embedding.shape
-        n_head = self.blocks[0].attn.n_head
-        return torch.zeros(len(self.blocks), 2, batch, n_head, n_ctx, d // n_head, dtype=dtype)
+        """Zeroed self-attention cache, batch-first and head-major: (B, n_layer, 2, H, n_text_ctx, D/H)."""
+        return torch.zeros(batch, *cache_geometry(self), dtype=dtype)
 
     def step(self, tokens: torch.Tensor, cross_kv: torch.Tensor, self_kv: torch.Tensor, offset):
         """Cached step: `tokens` (B, L) sit at positions offset..offset+L-1.
 
-        `cross_kv` comes from `cross_cache` (n_layer, 2, B, H, A, D/H) and `self_kv` from `empty_cache` or
-        a previous step (n_layer, 2, B, H, n_text_ctx, D/H); entries at positions >= offset are ignored.
+        `cross_kv` comes from `cross_cache` (B, n_layer, 2, H, A, D/H) and `self_kv` from `empty_cache` or
+        a previous step (B, n_layer, 2, H, n_text_ctx, D/H); entries at positions >= offset are ignored.
         The step writes its keys/values into `self_kv` in place (one `index_copy_` per layer, as a static
         KV cache does) and returns ((B, L, n_vocab) logits, self_kv). `offset` is an int or a 0-dim
         int64 tensor.
@@ -203,8 +202,15 @@ class TextDecoder(nn.Module):
         mask = torch.where(self.slots <= positions[:, None], 0.0, float("-inf")).to(cross_kv.dtype)
         x = self.token_embedding(tokens) + self.positional_embedding.index_select(0, positions)
         for i, block in enumerate(self.blocks):
-            x = block.cached(x, mask, self_kv[i], positions, cross_kv[i, 0], cross_kv[i, 1])
+            x = block.cached(x, mask, self_kv[:, i], positions, cross_kv[:, i, 0], cross_kv[:, i, 1])
         return self._logits(x), self_kv
+
+
+def cache_geometry(decoder: "TextDecoder") -> tuple[int, int, int, int, int]:
+    """Self-attention cache shape after the batch: (n_layer, 2, H, n_text_ctx, D/H)."""
+    n_ctx, d = decoder.positional_embedding.shape
+    n_head = decoder.blocks[0].attn.n_head
+    return len(decoder.blocks), 2, n_head, n_ctx, d // n_head
 
 
 class DecoderStep(nn.Module):

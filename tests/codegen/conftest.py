@@ -1,5 +1,7 @@
 """Compile the test kernels concurrently once per session (gcc runs in subprocesses, so threads
-overlap them); the tests then hit the content-hash cache. Cuts a cold run roughly by the core count."""
+overlap them); the tests then hit the content-hash cache. Cuts a cold run roughly by the core count.
+The thread pool library is loaded first: it is process-wide, so tests that count compiler runs in a
+private cache directory never see it built there."""
 from __future__ import annotations
 
 import os
@@ -7,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fxquant.codegen import TARGETS, compile_op
+from fxquant.codegen import TARGETS, compile_op, threadpool
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _precompile_kernels():
+    threadpool.pool_library()
     from . import test_conv_attach as tc
     from . import test_linear as tl
     from .codegen_cases import make_linear

@@ -62,7 +62,8 @@ def test_hygiene_passes_match_eager(name):
 def test_default_pipeline_w8a8_stays_close(name):
     model, inputs = cases()[name]
     target = "native" if name in ("kws-cnn", "whisper-encoder") else "reference"
-    cm = fxquant.compile_lowbit(model, inputs, target=target)
+    cm = fxquant.compile_lowbit(model, inputs, target=target,  # kernels wanted (never_slower off)
+                                passes=fxquant.default_pipeline(target).replace(",codegen", ",codegen{never_slower=false}"))
     with torch.no_grad():
         ref, out = _flat(model(*inputs)), _flat(cm(*inputs))
     assert sqnr_db(ref, out) > 25.0

@@ -3,10 +3,13 @@ import math
 import struct
 import wave
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from fxquant.audio import LogMel, hz_to_mel, load_wav, log_mel, mel_filterbank, mel_to_hz, resample
+from fxquant.audio import LogMel, hz_to_mel, load_audio, load_wav, log_mel, mel_filterbank, mel_to_hz, resample
+from fxquant.errors import AudioError, AudioNotFoundError, ConfigError, FxQuantError
 
 
 def _write_wav(path, samples, sr=8000, width=2, channels=1):
@@ -37,14 +40,17 @@ def test_load_wav_averages_stereo(tmp_path):
     assert x.tolist() == pytest.approx([2000 / 32768, 0.0])
 
 
+def test_load_wav_reads_8_bit_and_keeps_rate(tmp_path):
+    _write_wav(tmp_path / "u8.wav", [128, 192, 0], sr=11025, width=1)     # unsigned 8-bit: 128 is zero
+    x, sr = load_wav(tmp_path / "u8.wav")
+    assert sr == 11025 and x.tolist() == pytest.approx([0.0, 0.5, -1.0])
+
+
 def test_load_wav_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_wav(tmp_path / "missing.wav")
-    _write_wav(tmp_path / "u8.wav", [128, 130, 120], width=1)
-    with pytest.raises(ValueError, match="8-bit samples are not supported"):
-        load_wav(tmp_path / "u8.wav")
     (tmp_path / "junk.wav").write_bytes(b"not a wav at all")
-    with pytest.raises(ValueError, match="not a PCM WAV"):
+    with pytest.raises(ValueError, match="junk.wav: not a readable audio file"):
         load_wav(tmp_path / "junk.wav")
 
 
@@ -117,3 +123,76 @@ def test_digit_frontend_settings():
     assert out[0, 0, 0].item() == pytest.approx(math.log(1e-6))
     with pytest.raises(ValueError, match="log must be"):
         log_mel(torch.zeros(16000), log="log7")
+
+
+# ---- load_audio: any libsndfile format and rate -> 16 kHz mono float32 ----
+
+def _write_sine(path, sr, channels, fmt, subtype, freq=1000.0, seconds=1.0):
+    t = np.arange(int(sr * seconds)) / sr
+    left = 0.6 * np.sin(2 * np.pi * freq * t)
+    data = left if channels == 1 else np.stack([left, left / 3.0], axis=1)   # stereo mean = 0.4 * sine
+    sf.write(str(path), data.astype(np.float32), sr, format=fmt, subtype=subtype)
+    return data.shape[0]
+
+
+CASES = [("WAV", "PCM_16", 8000, 1), ("WAV", "PCM_U8", 22050, 2), ("WAV", "PCM_24", 16000, 1),
+         ("WAV", "FLOAT", 44100, 2), ("FLAC", "PCM_16", 22050, 2), ("FLAC", "PCM_24", 44100, 1),
+         ("OGG", "VORBIS", 8000, 1), ("OGG", "VORBIS", 44100, 2)]
+
+
+@pytest.mark.parametrize("fmt, subtype, sr, channels", CASES)
+def test_load_audio_resamples_to_16k_mono_and_keeps_the_tone(tmp_path, fmt, subtype, sr, channels):
+    path = tmp_path / f"tone_{sr}_{channels}.{fmt.lower()}"
+    n = _write_sine(path, sr, channels, fmt, subtype)
+    x = load_audio(path)
+    assert x.dtype == torch.float32 and x.dim() == 1
+    assert abs(x.numel() - n * 16000 / sr) <= 1
+    spectrum = torch.fft.rfft(x[:16000].double(), n=16000).abs()       # 1 Hz bins
+    assert spectrum.argmax().item() == 1000
+    peak = 0.6 if channels == 1 else 0.4
+    rms = x[800:-800].double().pow(2).mean().sqrt().item()
+    tol = 0.05 if fmt == "OGG" or subtype == "PCM_U8" else 0.01      # lossy codec, 8-bit quantisation
+    assert rms == pytest.approx(peak / math.sqrt(2), rel=tol)
+
+
+def test_load_audio_other_rate_and_quality(tmp_path):
+    _write_sine(tmp_path / "a.wav", 16000, 1, "WAV", "PCM_16")
+    x = load_audio(tmp_path / "a.wav", sample_rate=8000, quality="VHQ")
+    assert x.shape == (8000,)
+    assert torch.equal(load_audio(tmp_path / "a.wav"), load_wav(tmp_path / "a.wav")[0])   # 16 kHz: no resampling
+    with pytest.raises(ConfigError, match="sample_rate must be a positive int"):
+        load_audio(tmp_path / "a.wav", sample_rate=0)
+    with pytest.raises(ConfigError, match="quality must be one of"):
+        load_audio(tmp_path / "a.wav", quality="best")
+
+
+def test_load_audio_errors_name_the_file_and_the_formats(tmp_path):
+    with pytest.raises(AudioNotFoundError, match="audio file not found: .*missing.flac") as info:
+        load_audio(tmp_path / "missing.flac")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, FxQuantError)
+    with pytest.raises(AudioNotFoundError, match="it is a folder"):
+        load_audio(tmp_path)
+    (tmp_path / "notes.ogg").write_text("this is text, not audio")
+    with pytest.raises(AudioError, match="notes.ogg: not a readable audio file.*FLAC, OGG"):
+        load_audio(tmp_path / "notes.ogg")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="zero.wav: not a readable audio file"):
+        load_audio(tmp_path / "zero.wav")
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError, match="empty.wav: the file holds no samples"):
+        load_audio(tmp_path / "empty.wav")
+    sf.write(str(tmp_path / "nan.wav"), np.array([0.0, np.nan, 0.1], np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="nan.wav: the samples contain NaN"):
+        load_audio(tmp_path / "nan.wav")
+    _write_sine(tmp_path / "long.wav", 8000, 1, "WAV", "PCM_16", seconds=3.0)
+    with pytest.raises(AudioError, match="3 s of audio exceeds the limit of 2 s"):
+        load_audio(tmp_path / "long.wav", max_seconds=2)
+
+
+def test_load_audio_reads_real_lj_speech_flac(shared):
+    path = shared / "data" / "ljspeech" / "LJ001-0002.flac"
+    if not path.is_file():
+        pytest.skip(f"{path} is not present")
+    x = load_audio(path)
+    assert x.shape == (30393,)                        # 1.900 s at 16 kHz (metadata.tsv)
+    assert 0.01 < x.abs().max().item() <= 1.0

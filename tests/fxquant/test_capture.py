@@ -96,7 +96,8 @@ def test_untraceable_model_names_module_line_messages_and_remedies():
     with pytest.raises(fxquant.CaptureError) as info:
         fxquant.capture(Wrapper(), (torch.randn(2, 8),))
     msg = str(info.value)
-    assert "torch.export failed in module 'encoder.1' (DataDependent)" in msg
+    assert "torch.export with dynamic batch/time dims failed in module 'encoder.1' (DataDependent)" in msg
+    assert "torch.export with the example inputs' static shapes failed in module 'encoder.1'" in msg
     assert "torch.fx.symbolic_trace failed in module 'encoder.1'" in msg
     assert "test_capture.py:" in msg and "if y.mean() > 0" in msg
     assert "symbolically traced variables cannot be used as inputs to control flow" in msg
@@ -126,3 +127,38 @@ def test_capture_restores_training_flags():
 def test_unknown_method():
     with pytest.raises(fxquant.ConfigError, match="capture method must be one of"):
         fxquant.capture(nn.Linear(2, 2), (torch.randn(1, 2),), method="jit")
+
+
+def _openai_whisper():
+    whisper_model = pytest.importorskip("whisper.model", reason="openai-whisper is not installed")
+    torch.manual_seed(0)
+    decoder = whisper_model.TextDecoder(n_vocab=60, n_ctx=16, n_state=32, n_head=4, n_layer=2).eval()
+    with torch.no_grad():
+        decoder.positional_embedding.normal_(0, 0.1)  # openai-whisper leaves it uninitialised (torch.empty)
+    encoder = whisper_model.AudioEncoder(n_mels=16, n_ctx=12, n_state=32, n_head=4, n_layer=2).eval()
+    return decoder, encoder
+
+
+def test_a_failed_dynamic_export_does_not_poison_the_static_rung():
+    """openai-whisper's TextDecoder: dynamic export fails (is_causal becomes a SymBool), the static one works."""
+    decoder, _ = _openai_whisper()
+    tokens, audio = torch.randint(0, 60, (2, 5)), torch.randn(2, 12, 32)
+    gm = fxquant.capture(decoder, (tokens, audio))
+    assert gm.meta["fxquant_capture_rung"] == "export-static"
+    torch.testing.assert_close(gm(tokens, audio), decoder(tokens, audio), rtol=1e-5, atol=1e-5)
+    assert not hasattr(tokens, "_dynamo_weak_dynamic_indices")  # the caller's tensors carry no tracer marks
+    with pytest.raises(fxquant.CaptureError) as info:
+        fxquant.capture(decoder, (tokens, audio), method="symbolic")
+    assert "torch.fx.symbolic_trace failed" in str(info.value)
+
+
+def test_openai_whisper_decoder_and_encoder_compile_directly():
+    decoder, encoder = _openai_whisper()
+    tokens, audio, mel = torch.randint(0, 60, (2, 5)), torch.randn(2, 12, 32), torch.randn(2, 16, 24)
+    with torch.no_grad():
+        cd = fxquant.compile_lowbit(decoder, (tokens, audio), bits=8)
+        ce = fxquant.compile_lowbit(encoder, (mel,), bits=8)
+        for cm, model, inputs in ((cd, decoder, (tokens, audio)), (ce, encoder, (mel,))):
+            ref, out = model(*inputs), cm(*inputs)
+            assert float((out - ref).norm() / ref.norm()) < 0.05
+            assert all(r["format"].startswith("W8") for r in cm.report_rows())

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import fxquant
 from fxquant.cli import main
@@ -63,3 +64,21 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         main(["compile", "kws-cnn", "--bits", "5"])
     assert info.value.code == 2
+
+
+def test_eval_marks_a_variant_that_cannot_be_built(monkeypatch):
+    """A budget below the model's smallest size is reported in its row; the measured rows are kept."""
+    from fxquant import evaluate
+    from fxquant.errors import ConfigError
+
+    def fake_build(name, *a):
+        if name == "mixed-1.5":
+            raise ConfigError("avg_bits=1.5 is below the smallest achievable size")
+        return torch.nn.Identity(), 0.0
+
+    rows: list = []
+    monkeypatch.setattr(evaluate, "build_variant", fake_build)
+    assert evaluate._build_or_skip("mixed-1.5", None, None, None, "reference", rows, "WER") is None
+    assert evaluate._build_or_skip("fp32", None, None, None, "reference", rows, "WER")[1] == 0.0
+    text = evaluate.render(rows + [evaluate.EvalRow("fp32", 0.01, 1000, 32.0, 1.0)])
+    assert "cannot be built: avg_bits=1.5 is below the smallest achievable size" in text and "1.00 %" in text

@@ -94,3 +94,22 @@ def test_conv_weight_is_flattened_and_zero_rows_are_safe():
     qw = quantize_weight(w, 4, "codebook", "channel")
     assert qw.shape == (6, 27)
     assert dequantize(qw)[2].abs().sum() == 0
+
+
+def test_quant_cache_returns_the_same_result_once_and_sees_in_place_changes():
+    from fxquant.formats import QuantCache
+
+    cache, w, hd = QuantCache(), torch.randn(16, 64), torch.rand(64)
+    a = cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd)
+    assert cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd) is a and (cache.hits, cache.misses) == (1, 1)
+    b = cache.quantize(w, 3, "uniform", "group", 32, hdiag=hd)             # another format: computed
+    assert b is not a and cache.misses == 2
+    expected = quantize_weight(w, 4, "uniform", "group", 32, hdiag=hd)
+    assert torch.equal(a.codes, expected.codes) and torch.equal(a.scales, expected.scales)
+    with torch.no_grad():
+        w.mul_(2)                                                           # in place: a new version
+    assert cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd) is not a
+    small = QuantCache(max_bytes=a.codes.numel() + 600)                    # room for about one result
+    small.quantize(w, 4, "uniform", "group", 32)
+    small.quantize(w, 3, "uniform", "group", 32)
+    assert len(small._entries) == 1 and small.stored_bytes <= small.max_bytes

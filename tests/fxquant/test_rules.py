@@ -52,8 +52,9 @@ def test_make_decision_defaults_and_fields():
 
 
 @pytest.mark.parametrize("rules,match", [
-    ({"encoder.conv1": 1}, "bits must be an integer in 2..8"),
-    ({"encoder.conv1": 9}, "bits must be an integer in 2..8"),
+    ({"encoder.conv1": 1}, r"bits must be one of \(8, 4, 3, 2\)"),
+    ({"encoder.conv1": 9}, r"bits must be one of \(8, 4, 3, 2\)"),
+    ({"encoder.conv1": 5}, r"bits must be one of \(8, 4, 3, 2\)"),
     ({"encoder.conv1": {"bits": 4, "group": 0}}, "group must be a positive integer"),
     ({"encoder.conv1": {"bits": 8, "symmetric": False}}, "8-bit asymmetric"),
     ({"encoder.conv1": {"bits": 4, "colour": "red"}}, r"unknown key\(s\) \['colour'\]"),

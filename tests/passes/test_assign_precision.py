@@ -88,3 +88,34 @@ def test_proxy_sensitivity_without_sensitivity_pass():
 def test_bad_options(config, match):
     with pytest.raises(ConfigError, match=match):
         decide(config, passes="assign-precision")
+
+
+def test_fp32_lstm_weights_count_in_the_budget():
+    """LSTM weights have no quantized kernel: they stay fp32, and an average-bits budget must count them."""
+    import fxquant
+    from fxquant.errors import ConfigError as _ConfigError
+    from fxquant.passmanager import PassManager
+    from fxquant.registry import PassContext as _Ctx
+
+    class Rnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(16, 32, batch_first=True)
+            self.fc = torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0])
+
+    model, x = Rnn().eval(), torch.randn(2, 5, 16)
+    lstm_params = sum(p.numel() for p in model.rnn.parameters() if p.dim() == 2)
+    for avg, ok in ((31.5, True), (24.0, False)):
+        gm = fxquant.capture(model, (x,))
+        ctx = _Ctx(example_inputs=(x,), config={"avg_bits": avg})
+        if not ok:
+            with pytest.raises(_ConfigError, match="smallest achievable"):
+                PassManager("cleanup,propagate-shapes,assign-precision").run(gm, ctx)
+            continue
+        PassManager("cleanup,propagate-shapes,assign-precision").run(gm, ctx)
+        summary = ctx.state["precision"]
+        assert summary["params"] >= lstm_params + 32 * 8
+        assert 30 < summary["avg_bits"] <= 31.5

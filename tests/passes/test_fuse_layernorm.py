@@ -27,7 +27,7 @@ class PreNorm(nn.Module):
 
 
 def _compile(model, x, fuse: bool, target="reference"):
-    passes = BASE + (",fuse-layernorm" if fuse else "") + ("" if target == "reference" else ",codegen")
+    passes = BASE + (",fuse-layernorm" if fuse else "") + ("" if target == "reference" else ",codegen{never_slower=false}")
     return fxquant.compile_lowbit(model, (x,), bits=4, passes=passes, target=target)
 
 

@@ -24,7 +24,7 @@ class Residual(nn.Module):
 
 
 def _compile(model, args, fuse: bool, target="reference"):
-    passes = BASE + (",fuse-residual" if fuse else "") + ("" if target == "reference" else ",codegen")
+    passes = BASE + (",fuse-residual" if fuse else "") + ("" if target == "reference" else ",codegen{never_slower=false}")
     return fxquant.compile_lowbit(model, args, bits=8, passes=passes, target=target)
 
 

@@ -92,3 +92,10 @@ def test_io_qdq_nodes():
     assert fns.count(quantize_int8) == 4 and fns.count(dequantize_int8) == 4   # 2 inputs + 2 outputs
     out = next(n for n in gm.graph.nodes if n.op == "output")
     assert all(a.target is dequantize_int8 for a in out.all_input_nodes)
+
+
+def test_lowering_drops_the_second_moments_but_keeps_hdiag():
+    _, gm, _ = lowered({"bits": 4, "gptq": True})
+    stats = [n.meta[ir.ACT_STATS] for n in gm.graph.nodes if n.op == "call_module" and ir.ACT_STATS in n.meta]
+    assert len(stats) == 3                                  # two linears and the conv, all lowered
+    assert all("H" not in s and s["hdiag"].numel() in (64, 128, 36) for s in stats)

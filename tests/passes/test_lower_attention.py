@@ -80,7 +80,7 @@ def test_constant_kv_is_converted_once_per_unmodified_input():
 
 def test_kernel_attached_and_matches_reference(tmp_path):
     model, (x, k, v, mask) = CachedAttention().eval(), _inputs(t=2, filled=9)
-    cm = fxquant.compile_lowbit(model, (x, k, v, mask), bits=8, passes=_pipeline(",codegen"))
+    cm = fxquant.compile_lowbit(model, (x, k, v, mask), bits=8, passes=_pipeline(",codegen{never_slower=false}"))
     op = next(m for m in cm.graph_module.modules() if isinstance(m, FusedAttention))
     assert op.backend.startswith("c:") and op.kernel is not None
     want = cm.graph_module(x, k, v, mask)
@@ -117,7 +117,8 @@ def test_whisper_decode_step_attention_is_lowered_and_cache_updated_in_place():
     cross = model.decoder.cross_cache(audio)
     tokens = torch.tensor([[1, 5, 7]])
     step = fxquant.compile_lowbit(DecoderStep(model.decoder), (tokens, cross, model.decoder.empty_cache(1),
-                                                               torch.tensor(0)), bits=8)
+                                                               torch.tensor(0)), bits=8,
+                                  passes=fxquant.default_pipeline().replace(",codegen", ",codegen{never_slower=false}"))  # kernels wanted
     ops = [m for m in step.graph_module.modules() if isinstance(m, FusedAttention)]
     assert len(ops) == 2 * DIMS.n_text_layer and all(m.backend.startswith("c:") for m in ops)
     # cross-attention reads the constant cross cache (int8); self-attention the cache the step writes
@@ -132,3 +133,21 @@ def test_whisper_decode_step_attention_is_lowered_and_cache_updated_in_place():
     logits, _ = step(nxt, cross, cache, torch.tensor(3))
     ref, _ = model.decoder.step(nxt, cross, ref_cache, torch.tensor(3))
     assert float((logits - ref).norm() / ref.norm()) < 0.05
+
+
+@torch.no_grad()
+def test_kv_bits_none_keeps_constant_keys_values_float_and_the_report_says_so():
+    model = whisper_random(DIMS, seed=0)
+    audio = torch.randn(1, DIMS.n_audio_ctx, DIMS.n_audio_state)
+    inputs = (torch.tensor([[1, 5, 7]]), model.decoder.cross_cache(audio), model.decoder.empty_cache(1),
+              torch.tensor(0))
+    reports = {}
+    for kv_bits in (8, None):
+        step = fxquant.compile_lowbit(DecoderStep(model.decoder), inputs, bits=8, kv_bits=kv_bits, target="reference")
+        ops = [m for m in step.graph_module.modules() if isinstance(m, FusedAttention)]
+        reports[kv_bits] = (sum(m.kv_int8 for m in ops), step.report())
+    assert reports[8][0] == DIMS.n_text_layer and reports[None][0] == 0
+    assert f"{DIMS.n_text_layer} read constant keys/values as per-row int8" in reports[8][1]
+    assert "0 read constant keys/values as per-row int8" in reports[None][1]
+    with pytest.raises(fxquant.ConfigError, match="kv_bits"):
+        fxquant.compile_lowbit(DecoderStep(model.decoder), inputs, kv_bits=4, target="reference")

@@ -77,3 +77,24 @@ def test_concat_rows_keeps_every_row_and_table():
     torch.testing.assert_close(dequantize(m), torch.cat([dequantize(a), dequantize(b)]))
     shared = concat_rows([a, QuantizedWeight.uniform_symmetric(torch.randn(2, 40), 4, 16)])
     assert shared.table.shape[0] == 1
+
+
+def test_long_merged_names_are_shortened():
+    """Eight projections of one input (Whisper's cross-attention K/V of four layers) get a short name that
+    artifacts accept."""
+    import fxquant as fxq
+
+    class Many(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"cross_attention_key_projection": torch.nn.Linear(16, 16),
+                                                                   "cross_attention_value_projection": torch.nn.Linear(16, 16)})
+                                              for _ in range(4))
+
+        def forward(self, x):
+            return [m[k](x) for m in self.layers for k in ("cross_attention_key_projection",
+                                                           "cross_attention_value_projection")]
+
+    cm = fxq.compile_lowbit(Many().eval(), (torch.randn(2, 16),), bits=8, target="reference")
+    names = [n for n, _ in cm.graph_module.named_children() if "more" in n]
+    assert names and all(len(n) <= 200 for n in names)

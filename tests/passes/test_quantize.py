@@ -80,3 +80,33 @@ def test_bcresnet_w8a8_keeps_accuracy(shared):
     w8, _ = keyword_accuracy(cm, "test")
     assert total == 300 and abs(fp32 - w8) <= 3          # within 1 point on the 300 test clips
     assert cm.summary()["model_bytes"] < 0.6 * cm.fp32_bytes
+
+
+def test_quantize_reuses_a_result_already_in_the_shared_cache():
+    """What the sensitivity sweep computed (same weight, format, hdiag) is not quantized again."""
+    from fxquant.passes.quantize import _quant_args, quant_cache
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+    x = torch.randn(32, 128)
+    gm = capture(model.eval(), (x,))
+    ctx = PassContext(example_inputs=(x,), calibration=[(x,)], config={"bits": 4})
+    gm = PassManager("calibrate,assign-precision").run(gm, ctx)
+    node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
+    early = quant_cache(ctx).quantize(**_quant_args(gm, node)[0])              # e.g. by the sensitivity pass
+    gm = PassManager("quantize").run(gm, ctx)
+    assert ctx.state["qweights"][node.name] is early and quant_cache(ctx).hits == 1
+
+
+def test_map_layers_keeps_order_and_results_across_threads():
+    from fxquant.formats import quantize_weight
+    from fxquant.passes.quantize import map_layers
+
+    base = torch.randn(64, 96)
+    ws = [base * (i + 1) for i in range(5)]                                  # scales grow with i: order visible
+    one = map_layers(lambda w: quantize_weight(w, 3, "uniform", "group", 32), ws, workers=1)
+    two = map_layers(lambda w: quantize_weight(w, 3, "uniform", "group", 32), ws, workers=2)
+    assert all(torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) for a, b in zip(one, two))
+    top = [float(q.scales.max()) for q in two]
+    assert top == sorted(top) and abs(top[4] / top[0] - 5) < 1e-5
+    with pytest.raises(ZeroDivisionError):
+        map_layers(lambda i: 1 // i, [1, 0, 2], workers=2)

@@ -50,7 +50,7 @@ def test_step_logits_equal_full_recompute(model):
     first, cache = model.decoder.step(tokens[:, :4], cross, cache, 0)
     second, cache = model.decoder.step(tokens[:, 4:], cross, cache, torch.tensor(4))
     assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
-    assert cache.shape == (2, 2, 1, 4, 24, 8) and cache[..., 6:, :].abs().max() == 0   # (layer, k/v, B, H, T, dh)
+    assert cache.shape == (1, 2, 2, 4, 24, 8) and cache[..., 6:, :].abs().max() == 0   # (B, layer, k/v, H, T, dh)
 
 
 def _reference_decoder(model, tokens, audio):
@@ -84,7 +84,7 @@ def test_sdpa_matches_explicit_attention_and_cache_layout(model):
     cross = model.decoder.cross_cache(audio)
     assert cross.shape == (2, 2, 2, 4, 12, 8) and cross.is_contiguous()
     k0 = model.decoder.blocks[1].cross_attn.key(audio)
-    assert torch.equal(cross[1, 0], k0.view(2, 12, 4, 8).transpose(1, 2))
+    assert torch.equal(cross[:, 1, 0], k0.view(2, 12, 4, 8).transpose(1, 2))   # (B, layer, k/v, H, A, dh)
     # stale entries at positions >= offset are ignored; the step writes its slots in place
     cache = torch.randn(2, 2, 2, 4, 24, 8)
     before = cache.clone()

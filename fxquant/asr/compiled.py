@@ -1,0 +1,254 @@
+"""Compile a real Whisper checkpoint for transcription, save it, load it, cache it on disk.
+
+A Whisper model is three compiled graphs: the encoder, the cross-attention key/value cache (once per
+window) and the KV-cached decoder step (once per token). They are calibrated on real speech that is
+never scored (FSDD training takes, see `fxquant.asr.data`); the decoder step is calibrated
+teacher-forced on the fp32 model's own transcripts of that audio, so every position of a real
+transcript is seen. `precision_key` names a precision the CLI accepts: "fp32", "bits8", "avg4", ...
+
+Example:
+    >>> ckpt = load_checkpoint("whisper-tiny.en")                          # doctest: +SKIP
+    >>> cw = compile_whisper(ckpt, bits=8)                                  # doctest: +SKIP
+    >>> cw.save("out/tiny-w8"); cw2 = CompiledWhisper.load("out/tiny-w8")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxquant.errors import ArtifactError, ConfigError
+
+from .decoding import ModelParts
+from .joint import compile_jointly
+
+__all__ = ["CompiledWhisper", "compile_whisper", "precision_key", "whisper_calibration", "cached_compile"]
+
+FORMAT = "fxquant-whisper/1"
+PARTS = ("encoder", "cross", "step")
+
+
+def precision_key(bits: int | None = None, avg_bits: float | None = None) -> str:
+    """A short stable name of a precision: 'fp32', 'bits8', 'avg4', 'avg3.5'."""
+    if bits is not None and avg_bits is not None:
+        raise ConfigError("give bits or avg_bits, not both")
+    if bits is not None:
+        return f"bits{int(bits)}"
+    if avg_bits is not None:
+        return f"avg{float(avg_bits):g}"
+    return "fp32"
+
+
+@dataclasses.dataclass
+class WhisperCalibration:
+    mels: list[torch.Tensor]          # (1, n_mels, 3000) windows
+    audio: list[torch.Tensor]         # fp32 encoder outputs
+    cross: list[torch.Tensor]         # fp32 cross caches
+    tokens: list[torch.Tensor]        # (1, L) prompt + fp32 transcript (teacher forcing)
+
+
+@torch.no_grad()
+def whisper_calibration(model, tokenizer, waves: list[torch.Tensor]) -> WhisperCalibration:
+    """Run the fp32 model on calibration audio; keep what each compiled part is calibrated on."""
+    from .decoding import DecodeOptions, decode_windows
+    from .transcriber import split_windows
+
+    parts = ModelParts.from_model(model)
+    mels = [split_windows(w)[:1] for w in waves]
+    audio = [model.encoder(m) for m in mels]
+    cross = [model.decoder.cross_cache(a) for a in audio]
+    prompt = tokenizer.sot_sequence(language="en" if tokenizer.multilingual else None)
+    tokens = []
+    for m, a in zip(mels, audio):
+        r = decode_windows(parts, tokenizer, m, DecodeOptions(), audio=a)[0]
+        tokens.append(torch.tensor([prompt + r.tokens + [tokenizer.eot]]))
+    return WhisperCalibration(mels, audio, cross, tokens)
+
+
+class CompiledWhisper:
+    """Compiled encoder / cross-cache / step of one Whisper checkpoint at one precision."""
+
+    def __init__(self, encoder, cross, step, dims, tokenizer_file: Path, name: str, precision: str,
+                 compile_seconds: float = 0.0):
+        self.encoder, self.cross, self.step = encoder, cross, step
+        self.dims = dims
+        self.tokenizer_file = Path(tokenizer_file)
+        self.name = name
+        self.precision = precision
+        self.compile_seconds = compile_seconds
+
+    def parts(self) -> ModelParts:
+        d = self.dims
+        return ModelParts(self.encoder, self.cross, self.step, d.n_text_layer, d.n_text_head, d.n_text_state,
+                          d.n_text_ctx, kernel_owned_threads=True)
+
+    def modules(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "cross": self.cross, "step": self.step}
+
+    def packed_bytes(self) -> int:
+        """Weight bytes of the three parts; the step and cross cache share the decoder's tables once."""
+        seen: dict[str, int] = {}
+        for part, cm in self.modules().items():
+            for r in cm.report_rows():
+                key = r.get("weight_id") or f"{part}:{r['node']}"
+                seen[key] = r["bytes"]
+        return sum(seen.values())
+
+    def report(self) -> str:
+        return "\n\n".join(f"== {part} ==\n{cm.report()}" for part, cm in self.modules().items())
+
+    # -- artifact ------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """Write the three part artifacts, the tokenizer and whisper.json; replaces an old one atomically."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not (directory / "whisper.json").is_file():
+            raise ArtifactError(f"{directory} exists and is not an fxquant Whisper artifact; choose an empty or "
+                                f"new folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            for part, cm in self.modules().items():
+                cm.save(tmp / part)
+            shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
+            meta = {"format": FORMAT, "name": self.name, "precision": self.precision,
+                    "dims": dataclasses.asdict(self.dims),
+                    "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()}
+            (tmp / "whisper.json").write_text(json.dumps(meta, indent=1))
+            old = None
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                directory.rename(old)
+            tmp.rename(directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory, target: str | None = None) -> "CompiledWhisper":
+        """Load a saved Whisper artifact (whisper.json is validated; parts load through fxquant.load)."""
+        import fxquant
+        from fxquant.models.whisper import ModelDimensions
+
+        directory = Path(directory)
+        meta_file = directory / "whisper.json"
+        if not meta_file.is_file():
+            raise ArtifactError(f"{directory} is not an fxquant Whisper artifact (no whisper.json); compile one "
+                                f"with `fxquant compile whisper-tiny.en --bits 8 --out DIR`")
+        try:
+            meta = json.loads(meta_file.read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            dims = meta["dims"]
+            fields = {f.name for f in dataclasses.fields(ModelDimensions)}
+            if set(dims) != fields or not all(isinstance(v, int) and 0 < v < 1_000_000 for v in dims.values()):
+                raise ValueError("dims must be positive integers for every ModelDimensions field")
+            name, precision = str(meta["name"])[:200], str(meta["precision"])[:50]
+            tok = directory / "tokenizer.json"
+            if hashlib.sha256(tok.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
+                raise ValueError("tokenizer.json does not match its recorded checksum")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"{directory}: corrupt Whisper artifact ({exc}); compile it again") from exc
+        parts = [fxquant.load(directory / p, target=target) if target else fxquant.load(directory / p)
+                 for p in PARTS]
+        return cls(*parts, ModelDimensions(**dims), tok, name, precision)
+
+
+def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None,
+                    calibration_waves: list[torch.Tensor] | None = None, target: str = "native",
+                    **options: Any) -> CompiledWhisper:
+    """Compile the encoder, cross cache and decoder step of a WhisperCheckpoint at one precision.
+
+    `bits` / `avg_bits` and `options` are compile_lowbit's (rules by module name inside each part:
+    "blocks.0.mlp.0" in the encoder, "decoder.blocks.0.attn.query" in the step and cross cache).
+    """
+    import fxquant
+    from fxquant.models.whisper import DecoderCrossCache, DecoderStep
+    from fxquant.models.whisper_text import WhisperTokenizer
+
+    from .data import calibration_waves as default_waves
+
+    start = time.perf_counter()
+    model = ckpt.model
+    tokenizer_file = ckpt.directory / "tokenizer.json"
+    tok = WhisperTokenizer.from_file(tokenizer_file)
+    cal = whisper_calibration(model, tok, calibration_waves or default_waves())
+    empty = lambda: model.decoder.empty_cache(1)  # noqa: E731 - a fresh cache per calibration item
+    step_cal = [(t, c, empty(), torch.tensor(0)) for t, c in zip(cal.tokens, cal.cross)]
+    specs = [("encoder", model.encoder, [(m,) for m in cal.mels]),
+             ("cross", DecoderCrossCache(model.decoder), [(a,) for a in cal.audio]),
+             ("step", DecoderStep(model.decoder), step_cal)]
+    if avg_bits is not None or options.get("budget_bytes") is not None:
+        enc, cross, step = compile_jointly(_joint_parts(model, cal, specs), avg_bits=avg_bits, target=target,
+                                           **options)
+    else:
+        common = dict(bits=bits if bits is not None or options.get("rules") else 8, target=target, **options)
+        enc, cross, step = (fxquant.compile_lowbit(mod, batch_of_two(items[0]), calibration=items, **common)
+                            for _, mod, items in specs)
+    return CompiledWhisper(enc, cross, step, model.dims, tokenizer_file, ckpt.name,
+                           precision_key(bits, avg_bits), time.perf_counter() - start)
+
+
+def _joint_parts(model, cal: WhisperCalibration, specs) -> list:
+    """PartSpecs whose readouts turn each part's output into teacher-forced fp32 decoder logits."""
+    from .joint import PartSpec
+
+    def logits(tokens, cross):
+        return model.decoder.step(tokens, cross, model.decoder.empty_cache(tokens.shape[0]), torch.tensor(0))[0]
+
+    readouts = {"encoder": lambda out, i: logits(cal.tokens[i], model.decoder.cross_cache(out)),
+                "cross": lambda out, i: logits(cal.tokens[i], out),
+                "step": lambda out, i: out[0]}
+    return [PartSpec(name, mod, batch_of_two(items[0]), items, readouts[name]) for name, mod, items in specs]
+
+
+def batch_of_two(example: tuple) -> tuple:
+    """The example inputs with batch 2 (every tensor with a batch axis repeated): torch.export fixes an
+    axis of size 1, and the compiled parts must take any batch size."""
+    return tuple(t.repeat(2, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) and t.dim() else t
+                 for t in example)
+
+
+def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None, cache: Path | None = None,
+                   log=print) -> CompiledWhisper:
+    """compile_whisper with an on-disk cache keyed by checkpoint, precision and fxquant version."""
+    import fxquant
+    from fxquant.codegen import cache_dir
+
+    key_src = json.dumps({"name": ckpt.name, "fingerprint": _fingerprint(ckpt), "precision":
+                          precision_key(bits, avg_bits), "version": fxquant.__version__})
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    root = Path(cache) if cache else Path(cache_dir()) / "whisper"
+    folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"
+    if (folder / "whisper.json").is_file():
+        try:
+            start = time.perf_counter()
+            cw = CompiledWhisper.load(folder)
+            log(f"loaded compiled {ckpt.name} ({cw.precision}) from {folder} in {time.perf_counter() - start:.1f} s")
+            return cw
+        except ArtifactError as exc:
+            log(f"cached artifact unusable ({exc}); compiling again")
+    log(f"compiling {ckpt.name} at {precision_key(bits, avg_bits)} (once; cached in {folder}) ...")
+    cw = compile_whisper(ckpt, bits=bits, avg_bits=avg_bits)
+    log(f"compiled in {cw.compile_seconds:.1f} s")
+    cw.save(folder)
+    return cw
+
+
+def _fingerprint(ckpt) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(ckpt.model.state_dict().items()):
+        h.update(name.encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].numpy().tobytes())   # a sample: cheap and distinct
+    return h.hexdigest()[:16]

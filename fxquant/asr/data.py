@@ -1,0 +1,84 @@
+"""Real speech for Whisper evaluation and calibration, kept apart by speaker.
+
+- `ljspeech()`: the 186 LJ Speech utterances in <shared>/data/ljspeech (one female reader) with their
+  normalized reference texts: the scoring set.
+- `fsdd_sentences()`: FSDD digit recordings of the six FSDD speakers joined into 4-12 digit utterances
+  (a little silence between digits), with the spoken words as reference: a second scoring set
+  (test takes 0-4) and the calibration set (training takes 5-49). LJ Speech's reader is never used
+  for calibration, so no score comes from a speaker the quantizer saw.
+
+Example:
+    >>> items = ljspeech(limit=3)                                   # doctest: +SKIP
+    >>> items[0].id, items[0].text[:24]                             # doctest: +SKIP
+    ('LJ001-0001', 'printing in the only sen')
+"""
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fxquant.datasets import DIGIT_WORDS, fsdd_clips, load_clip16k, shared_dir
+
+__all__ = ["Utterance", "ljspeech_dir", "ljspeech", "fsdd_sentences", "calibration_waves"]
+
+
+class Utterance(NamedTuple):
+    id: str
+    path: Path | None
+    text: str                      # reference transcript
+    wave: torch.Tensor | None = None   # 16 kHz mono, when built in memory (FSDD sentences)
+
+
+def ljspeech_dir(root=None) -> Path:
+    """<shared>/data/ljspeech (or `root`); FileNotFoundError naming FXQUANT_SHARED when absent."""
+    if root is None:
+        shared = shared_dir()
+        if shared is None:
+            raise FileNotFoundError("LJ Speech not found: no ../shared next to the repo; set FXQUANT_SHARED")
+        root = shared / "data" / "ljspeech"
+    root = Path(root)
+    if not (root / "metadata.tsv").is_file():
+        raise FileNotFoundError(f"LJ Speech metadata not found in {root}; set FXQUANT_SHARED to the shared dir")
+    return root
+
+
+def ljspeech(limit: int | None = None, root=None) -> list[Utterance]:
+    """LJ Speech utterances in id order with `normalized_text` as the reference."""
+    root = ljspeech_dir(root)
+    with open(root / "metadata.tsv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    out = [Utterance(r["id"], root / f"{r['id']}.flac", r["normalized_text"]) for r in rows
+           if (root / f"{r['id']}.flac").is_file()]
+    return out[:limit] if limit else out
+
+
+def fsdd_sentences(n: int, split: str = "test", seed: int = 0, min_digits: int = 4,
+                   max_digits: int = 12, root=None) -> list[Utterance]:
+    """`n` utterances of FSDD digits from one speaker each, joined with 0.1-0.3 s of silence."""
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    clips = fsdd_clips(split, root)
+    by_speaker: dict[str, list] = {}
+    for c in clips:
+        by_speaker.setdefault(c.speaker, []).append(c)
+    speakers = sorted(by_speaker)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        spk = speakers[i % len(speakers)]
+        chosen = rng.sample(by_speaker[spk], rng.randint(min_digits, max_digits))
+        pieces = []
+        for c in chosen:
+            pieces += [load_clip16k(c.path), torch.zeros(int(16000 * rng.uniform(0.1, 0.3)))]
+        wave = torch.cat([torch.zeros(3200)] + pieces)
+        out.append(Utterance(f"fsdd-{split}-{i:03d}-{spk}", None, " ".join(DIGIT_WORDS[c.digit] for c in chosen), wave))
+    return out
+
+
+def calibration_waves(n: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    """Calibration audio: FSDD training takes (never LJ Speech, never FSDD test takes)."""
+    return [u.wave for u in fsdd_sentences(n, split="train", seed=seed, min_digits=8, max_digits=20)]

@@ -1,0 +1,182 @@
+"""Batched Whisper decoding on the KV-cached step: suppression rules, no-speech probability, sampling.
+
+`decode_windows` turns a batch of 30 s log-mel windows into token lists. It follows openai-whisper's
+decoding rules without timestamps: the prompt is the tokenizer's start-of-transcript sequence; blank and
+end-of-text are suppressed at the first sampled position; the non-speech symbols and the special task
+tokens are suppressed everywhere; the no-speech probability is read at the start-of-transcript position;
+a result carries its summed log-probability and zlib compression ratio, which `transcriber` uses for the
+temperature fallback that stops repetition loops. The encoder, cross-cache and step callables can be
+fp32 modules or compiled ones; everything here is plain torch.
+
+Example:
+    >>> parts = ModelParts.from_model(model)                                   # doctest: +SKIP
+    >>> results = decode_windows(parts, tokenizer, mels, DecodeOptions())      # doctest: +SKIP
+    >>> results[0].tokens[:3]                                                  # doctest: +SKIP
+    [383, 3329, 1110]
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DecodeOptions", "DecodeResult", "ModelParts", "decode_windows", "compression_ratio"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding settings (openai-whisper's defaults for transcription without timestamps)."""
+
+    temperature: float = 0.0
+    max_tokens: int | None = None        # default: half the text context (224), as openai-whisper
+    best_of: int = 5                     # samples per window when temperature > 0
+    suppress_blank: bool = True
+    language: str | None = "en"          # multilingual checkpoints: forced language
+    seed: int = 0                        # sampling is reproducible
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    tokens: list[int]
+    sum_logprob: float
+    no_speech_prob: float
+    temperature: float
+    text: str = ""
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)   # +1: the end-of-text token, as openai-whisper
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """The three callables a cached decode needs, plus the cache geometry.
+
+    encoder(mel (B, n_mels, 3000)) -> audio (B, A, D); cross_cache(audio) -> (B, n_layer, 2, H, A, dh);
+    step(tokens (B, L), cross, self_kv, offset) -> (logits (B, L, V), self_kv), writing self_kv in place.
+    """
+
+    encoder: Callable
+    cross_cache: Callable
+    step: Callable
+    n_layer: int
+    n_head: int
+    n_state: int
+    n_text_ctx: int
+    kernel_owned_threads: bool = False   # compiled parts: the decode loop runs torch's glue ops on one thread
+
+    @classmethod
+    def from_model(cls, model) -> "ModelParts":
+        """The fp32 parts of an fxquant Whisper (fxquant.models.whisper.Whisper)."""
+        d = model.dims
+        return cls(model.encoder, model.decoder.cross_cache, model.decoder.step, d.n_text_layer, d.n_text_head,
+                   d.n_text_state, d.n_text_ctx)
+
+    def empty_cache(self, batch: int) -> torch.Tensor:
+        """A zeroed self-attention cache (B, n_layer, 2, H, n_text_ctx, dh), as TextDecoder.empty_cache."""
+        return torch.zeros(batch, self.n_layer, 2, self.n_head, self.n_text_ctx, self.n_state // self.n_head)
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8 bytes) / len(zlib-compressed bytes): high for repetition loops (openai-whisper's measure)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _suppressed(tokenizer) -> torch.Tensor:
+    ids = set(tokenizer.non_speech_tokens())
+    ids.update([tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm,
+                tokenizer.no_speech])
+    return torch.tensor(sorted(i for i in ids if i is not None and i >= 0), dtype=torch.long)
+
+
+@torch.no_grad()
+def decode_windows(parts: ModelParts, tokenizer, mels: torch.Tensor, options: DecodeOptions = DecodeOptions(),
+                   audio: torch.Tensor | None = None) -> list[DecodeResult]:
+    """Decode a batch of log-mel windows (B, n_mels, 3000); one DecodeResult per window.
+
+    With temperature > 0 each window is sampled `best_of` times in one batch and the most likely
+    sample (mean log-probability) is kept. `audio` (the encoder output) may be passed to skip the encoder.
+    """
+    if mels.dim() != 3:
+        raise ValueError(f"decode_windows expects mel windows (B, n_mels, frames), got {tuple(mels.shape)}")
+    n = mels.shape[0]
+    repeat = options.best_of if options.temperature > 0 else 1
+    audio = parts.encoder(mels) if audio is None else audio
+    if repeat > 1:
+        audio = audio.repeat_interleave(repeat, dim=0)
+    with _decode_threads(parts):
+        results = _decode(parts, tokenizer, audio, options)
+    if repeat == 1:
+        return results
+    best = []
+    for i in range(n):
+        group = results[i * repeat:(i + 1) * repeat]
+        best.append(max(group, key=lambda r: r.avg_logprob))
+    return best
+
+
+def _decode_threads(parts: ModelParts):
+    """For compiled parts, torch's many small glue ops per token run on one thread while fxquant's kernels
+    keep every thread: torch's OpenMP workers would otherwise spin (or wait for a preempted worker) at every
+    op, which costs more than the ops on a busy machine. fp32 parts keep torch's settings."""
+    if not parts.kernel_owned_threads:
+        return contextlib.nullcontext()
+    from fxquant.codegen.threadpool import pool_owns_threads
+
+    return pool_owns_threads()
+
+
+def _decode(parts: ModelParts, tokenizer, audio: torch.Tensor, options: DecodeOptions) -> list[DecodeResult]:
+    batch = audio.shape[0]
+    prompt = tokenizer.sot_sequence(language=options.language if tokenizer.multilingual else None)
+    sot_index = prompt.index(tokenizer.sot)
+    max_tokens = options.max_tokens or parts.n_text_ctx // 2
+    max_tokens = min(max_tokens, parts.n_text_ctx - len(prompt))
+    suppress = _suppressed(tokenizer)
+    blank = torch.tensor(tokenizer.encode(" ") + [tokenizer.eot], dtype=torch.long)
+    gen = torch.Generator().manual_seed(options.seed)
+    cross = parts.cross_cache(audio)
+    cache = parts.empty_cache(batch).to(cross.dtype)
+    logits, cache = parts.step(torch.tensor([prompt] * batch), cross, cache, torch.tensor(0))
+    no_speech = logits[:, sot_index].float().softmax(-1)[:, tokenizer.no_speech].tolist()
+    eot = tokenizer.eot
+    out = torch.empty(batch, 0, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    sum_logprob = torch.zeros(batch, dtype=torch.float64)
+    for i in range(max_tokens):
+        last = logits[:, -1].float().clone()
+        last[:, suppress] = float("-inf")
+        if i == 0 and options.suppress_blank:
+            last[:, blank] = float("-inf")
+        if options.temperature > 0:
+            probs = F.softmax(last / options.temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        else:
+            nxt = last.argmax(-1)
+        logprobs = F.log_softmax(last, dim=-1)
+        chosen = logprobs.gather(1, nxt[:, None])[:, 0].double()
+        sum_logprob += torch.where(done, torch.zeros_like(chosen), chosen)
+        nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+        done |= nxt == eot
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        if bool(done.all()) or i == max_tokens - 1:
+            break
+        logits, cache = parts.step(nxt[:, None], cross, cache, torch.tensor(len(prompt) + i))
+    results = []
+    for b in range(batch):
+        row = out[b].tolist()
+        tokens = row[:row.index(eot)] if eot in row else row
+        results.append(DecodeResult(tokens=tokens, sum_logprob=float(sum_logprob[b]), no_speech_prob=no_speech[b],
+                                    temperature=options.temperature, text=tokenizer.decode(tokens)))
+    return results
+
+
+def batched(items: Sequence, size: int):
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

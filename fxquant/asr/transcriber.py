@@ -1,0 +1,138 @@
+"""Transcribe audio with a Whisper model (fp32 or compiled): 30 s windows, batching, fallback, no-speech.
+
+Long audio is cut into consecutive 30 s windows (no timestamps, no conditioning on the previous
+window, so a repetition loop cannot spread). Windows from several files are batched through the
+encoder and the decoder. A window whose greedy result looks like a loop (compression ratio > 2.4) or
+is unlikely (mean log-probability < -1) is decoded again at temperatures 0.2 ... 1.0, as openai-whisper
+does; a window the model judges silent (no-speech probability > 0.6 and mean log-probability < -1)
+gives no text.
+
+Example:
+    >>> t = Transcriber.from_checkpoint(load_checkpoint("whisper-tiny.en"))   # doctest: +SKIP
+    >>> t.transcribe_files(["a.flac"])[0].text                                 # doctest: +SKIP
+    'Printing, in the only sense with which we are at present concerned, ...'
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from .decoding import DecodeOptions, DecodeResult, ModelParts, batched, compression_ratio, decode_windows
+
+__all__ = ["TranscribeOptions", "Transcript", "Transcriber", "split_windows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeOptions:
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float = 2.4
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    batch_size: int = 8
+    best_of: int = 5
+    language: str | None = "en"
+    max_tokens: int | None = None
+
+
+@dataclasses.dataclass
+class Transcript:
+    text: str
+    windows: list[DecodeResult]
+
+    @property
+    def temperatures(self) -> list[float]:
+        return [w.temperature for w in self.windows]
+
+
+def split_windows(audio: torch.Tensor) -> torch.Tensor:
+    """Log-mel windows (W, n_mels, 3000) of a 16 kHz mono waveform: one per started 30 s.
+
+    The mel is computed over the audio followed by 30 s of silence (as openai-whisper), so every
+    window, the last one included, is a full 3000 frames of real features.
+    """
+    from fxquant.models.whisper_frontend import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
+
+    if audio.dim() != 1:
+        raise ValueError(f"expected a mono waveform (samples,), got shape {tuple(audio.shape)}")
+    mel = log_mel_spectrogram(audio, padding=N_SAMPLES)
+    content = max(1, -(-audio.shape[0] // HOP_LENGTH))
+    n_windows = -(-content // N_FRAMES)
+    return torch.stack([mel[:, i * N_FRAMES:(i + 1) * N_FRAMES] for i in range(n_windows)])
+
+
+class Transcriber:
+    """Whisper transcription around three callables (fp32 modules or compiled ones) and a tokenizer."""
+
+    def __init__(self, parts: ModelParts, tokenizer, options: TranscribeOptions = TranscribeOptions(),
+                 n_mels: int = 80):
+        self.parts = parts
+        self.tokenizer = tokenizer
+        self.options = options
+        self.n_mels = n_mels
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, options: TranscribeOptions = TranscribeOptions()) -> "Transcriber":
+        """fp32 transcription of a WhisperCheckpoint (fxquant.models.whisper_ckpt)."""
+        from fxquant.models.whisper_text import WhisperTokenizer
+
+        tok = WhisperTokenizer.from_file(ckpt.directory / "tokenizer.json")
+        return cls(ModelParts.from_model(ckpt.model), tok, options, ckpt.model.dims.n_mels)
+
+    # -- public API --------------------------------------------------------------------------------
+    def transcribe_files(self, paths: Sequence, progress: Callable[[int], None] | None = None) -> list[Transcript]:
+        """Transcripts of audio files (any format soundfile reads, any rate, mono or stereo)."""
+        from fxquant.audio import load_audio
+
+        return self.transcribe_audio([load_audio(p) for p in paths], progress)
+
+    @torch.no_grad()
+    def transcribe_audio(self, waves: Sequence[torch.Tensor],
+                         progress: Callable[[int], None] | None = None) -> list[Transcript]:
+        """Transcripts of 16 kHz mono waveforms; `progress(n)` is called as files finish."""
+        windows = []                      # (file index, mel window)
+        for i, wave in enumerate(waves):
+            windows.extend((i, w) for w in split_windows(wave))
+        results: list[DecodeResult] = []
+        finished = 0
+        for chunk in batched(windows, self.options.batch_size):
+            results.extend(self.decode(torch.stack([w for _, w in chunk])))
+            if progress is not None:
+                now = len({i for i, _ in windows[:len(results)]}) - (1 if len(results) < len(windows) else 0)
+                if now > finished:
+                    finished = now
+                    progress(finished)
+        per_file: list[list[DecodeResult]] = [[] for _ in waves]
+        for (i, _), r in zip(windows, results):
+            per_file[i].append(r)
+        return [Transcript(" ".join(r.text.strip() for r in rs if r.text.strip()), rs) for rs in per_file]
+
+    def decode(self, mels: torch.Tensor) -> list[DecodeResult]:
+        """Decode a batch of windows with the temperature fallback and the no-speech rule."""
+        o = self.options
+        audio = self.parts.encoder(mels)
+        final: list[DecodeResult | None] = [None] * mels.shape[0]
+        todo = list(range(mels.shape[0]))
+        for t in o.temperatures:
+            opts = DecodeOptions(temperature=t, best_of=o.best_of, language=o.language, max_tokens=o.max_tokens)
+            got = decode_windows(self.parts, self.tokenizer, mels[todo], opts, audio=audio[todo])
+            retry = []
+            for idx, r in zip(todo, got):
+                final[idx] = r
+                if self._silent(r):
+                    r.text, r.tokens = "", []
+                elif self._needs_fallback(r) and t != o.temperatures[-1]:
+                    retry.append(idx)
+            todo = retry
+            if not todo:
+                break
+        return final  # type: ignore[return-value]
+
+    def _needs_fallback(self, r: DecodeResult) -> bool:
+        o = self.options
+        return compression_ratio(r.text) > o.compression_ratio_threshold or r.avg_logprob < o.logprob_threshold
+
+    def _silent(self, r: DecodeResult) -> bool:
+        o = self.options
+        return r.no_speech_prob > o.no_speech_threshold and r.avg_logprob < o.logprob_threshold

@@ -1,0 +1,59 @@
+"""`fxquant transcribe` with Whisper: formats, errors with exit code 2, and the Python API."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fxquant.cli import main
+from fxquant.textnorm import normalize_english
+
+
+@pytest.fixture(scope="module")
+def stereo_44k(tmp_path_factory, lj_clips):
+    """LJ001-0002 as a 44.1 kHz stereo OGG (the CLI must resample and mix down)."""
+    from fxquant.audio import load_audio
+    import soxr
+
+    wave = load_audio(lj_clips[1].path).numpy()
+    up = soxr.resample(wave, 16000, 44100)
+    path = tmp_path_factory.mktemp("audio") / "clip.ogg"
+    sf.write(path, np.stack([up, up * 0.5], axis=1), 44100)
+    return path
+
+
+def test_transcribe_tsv_and_json(tiny_ckpt, stereo_44k, lj_clips, capsys):
+    assert main(["transcribe", str(stereo_44k), str(lj_clips[1].path), "--format", "tsv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, (stereo_44k, lj_clips[1].path)):
+        name, text = line.split("\t")
+        assert name == str(path)
+        assert normalize_english(text) == normalize_english(lj_clips[1].text)
+    assert main(["transcribe", str(lj_clips[1].path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["path"] == str(lj_clips[1].path) and data[0]["temperature"] == [0.0]
+
+
+@pytest.mark.parametrize("content,what", [(None, "not found"), (b"this is not audio", "audio")])
+def test_bad_files_exit_2(tmp_path, capsys, content, what):
+    path = tmp_path / "x.wav"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["transcribe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "fxquant: error:" in err and what in err.lower() and "Traceback" not in err
+
+
+def test_missing_checkpoint_exit_2(tmp_path, capsys, lj_clips):
+    assert main(["transcribe", str(lj_clips[1].path), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_api(tiny_ckpt, lj_clips):
+    import fxquant
+
+    texts = fxquant.transcribe("whisper-tiny.en", [lj_clips[1].path])
+    assert normalize_english(texts[0]) == normalize_english(lj_clips[1].text)

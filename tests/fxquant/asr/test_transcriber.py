@@ -1,0 +1,57 @@
+"""30 s windows, long audio, temperature fallback and the no-speech rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.asr.decoding import ModelParts
+from fxquant.asr.transcriber import TranscribeOptions, Transcriber, split_windows
+from fxquant.textnorm import normalize_english
+
+
+@pytest.mark.parametrize("seconds,windows", [(0.5, 1), (30.0, 1), (30.02, 2), (70.0, 3)])
+def test_split_windows(seconds, windows):
+    mels = split_windows(torch.randn(int(seconds * 16000)) * 0.1)
+    assert mels.shape == (windows, 80, 3000)
+    assert torch.isfinite(mels).all()
+
+
+def test_split_windows_rejects_stereo():
+    with pytest.raises(ValueError, match="mono"):
+        split_windows(torch.zeros(2, 16000))
+
+
+def test_fallback_retries_unlikely_windows(small_ckpt, tokenizer):
+    """A random model's greedy output is unlikely (mean log-prob < -1): it is sampled at higher temperatures."""
+    opts = TranscribeOptions(temperatures=(0.0, 0.5, 1.0), best_of=2, max_tokens=6, no_speech_threshold=1.1)
+    t = Transcriber(ModelParts.from_model(small_ckpt.model), tokenizer, opts)
+    out = t.transcribe_audio([torch.randn(16000) * 0.1])
+    assert out[0].temperatures == [1.0]         # every temperature failed; the last one is kept
+    again = t.transcribe_audio([torch.randn(16000) * 0.1])
+    assert len(again[0].windows) == 1
+
+
+def test_silent_windows_give_no_text(tiny_ckpt):
+    """Room-noise-like silence: no-speech probability > 0.6 and an unlikely text, so nothing is printed.
+
+    (Digital zeros make tiny.en say "you" with a confident log-probability, as in openai-whisper.)
+    """
+    t = Transcriber.from_checkpoint(tiny_ckpt)
+    out = t.transcribe_audio([torch.randn(48000, generator=torch.Generator().manual_seed(0)) * 0.003])
+    assert out[0].text == ""
+    assert out[0].windows[0].no_speech_prob > 0.6
+
+
+def test_long_audio_is_cut_into_windows(tiny_ckpt, lj_clips):
+    """Two LJ clips 31 s apart: two windows, both clips' words in order."""
+    from fxquant.audio import load_audio
+
+    a, b = load_audio(lj_clips[1].path), load_audio(lj_clips[5].path)
+    wave = torch.cat([a, torch.zeros(31 * 16000 - a.numel()), b])
+    t = Transcriber.from_checkpoint(tiny_ckpt)
+    out = t.transcribe_audio([wave, a])
+    assert len(out[0].windows) == 2 and len(out[1].windows) == 1
+    text = normalize_english(out[0].text)
+    assert text.startswith(normalize_english(lj_clips[1].text))
+    words_b = normalize_english(lj_clips[5].text).split()
+    assert sum(w in text.split() for w in words_b) >= 0.8 * len(words_b)
