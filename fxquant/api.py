@@ -36,6 +36,7 @@ SCHEMES = ("uniform", "codebook", "auto")
 EXTRA_OPTIONS = {
     "group_size": "group size along K for per-group formats (default 64; 32/64/128)",
     "act_bits": "8 (dynamic per-token int8, default) or None (float activations)",
+    "min_bits": "under a budget, the smallest weight width the solver may pick (default 2)",
     "kv_bits": "8 (attention keys/values that are constant graph inputs kept as per-row int8, default) or None "
                "(float32)",
     "gptq": "error-compensating rounding from calibration statistics (default False)",
@@ -157,6 +158,7 @@ OPTION_CHECKS = {
     "group_size": (_positive_int, "a positive integer (e.g. 32, 64, 128)"),
     "act_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
     "kv_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
+    "min_bits": (lambda v: v in (2, 3, 4, 5, 6, 8) and not isinstance(v, bool), "one of 2, 3, 4, 5, 6, 8"),
     "act_mode": (lambda v: v in ("dynamic", "static"), "'dynamic' or 'static'"),
     "symmetric": (_is_bool, "True or False"),
     "gptq": (_is_bool, "True or False"),

@@ -227,13 +227,14 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
 
 
-def commit_dir(tmp: Path, final: Path) -> None:
+def commit_dir(tmp: Path, final: Path, check=check_destination) -> None:
     """Move the finished folder `tmp` to `final`, replacing an old artifact there atomically.
 
     With renameat2 the old and new folders swap in one step; elsewhere the old one is renamed aside,
     the new one renamed in, and the old one deleted (a crash in between leaves both on disk).
+    `check(final)` refuses destinations that may not be replaced (by default: anything but an artifact).
     """
-    check_destination(final)
+    check(final)
     if not os.path.lexists(final):
         os.rename(tmp, final)
         return

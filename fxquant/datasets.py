@@ -19,7 +19,7 @@ import torch
 
 from fxquant.audio import load_wav, resample
 
-__all__ = ["DIGIT_WORDS", "SAMPLE_RATE", "shared_dir", "fsdd_dir", "FsddClip", "fsdd_clips", "load_clip16k",
+__all__ = ["DIGIT_WORDS", "SAMPLE_RATE", "shared_dir", "shared_data_dir", "fsdd_dir", "FsddClip", "fsdd_clips", "load_clip16k",
            "DigitStringBuilder", "digit_test_set"]
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -39,14 +39,17 @@ def shared_dir() -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
+def shared_data_dir(name: str, what: str) -> Path:
+    """<shared>/data/<name>; FileNotFoundError naming FXQUANT_SHARED when the shared dir is absent."""
+    shared = shared_dir()
+    if shared is None:
+        raise FileNotFoundError(f"{what} not found: no ../shared next to the repo; set FXQUANT_SHARED or pass root=")
+    return shared / "data" / name
+
+
 def fsdd_dir(root=None) -> Path:
     """Directory of the FSDD WAVs (`root` if given); FileNotFoundError when it is missing."""
-    if root is None:
-        shared = shared_dir()
-        if shared is None:
-            raise FileNotFoundError("FSDD not found: no ../shared next to the repo; set FXQUANT_SHARED or pass root=")
-        root = shared / "data" / "fsdd"
-    root = Path(root)
+    root = Path(root) if root is not None else shared_data_dir("fsdd", "FSDD")
     if not root.is_dir():
         raise FileNotFoundError(f"FSDD directory not found: {root}; set FXQUANT_SHARED or pass root=")
     return root

@@ -157,7 +157,8 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 def quantize_activation_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric int8 per row of the last dim: returns (q int8 [.., K], scale fp32 [.., 1]).
 
-    q = round_half_even(x * (127 / absmax)), clamped to [-127, 127]; scale = absmax / 127 (1 for zero rows).
+    q = round_half_even(x * (127 / absmax)), clamped to [-127, 127]; scale = absmax / 127 (1 for zero rows,
+    NaN for rows holding a NaN, so that NaN propagates as in float).
     """
     x = x.float()
     absmax = x.abs().amax(-1, keepdim=True)
@@ -165,6 +166,7 @@ def quantize_activation_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     inv = torch.tensor(127.0, dtype=torch.float32) / safe
     q = torch.clamp(torch.round(x * inv), -127, 127).to(torch.int8)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    scale = torch.where(torch.isnan(absmax), absmax, scale)   # a NaN input row gives a NaN output row
     return q, scale
 
 

@@ -142,7 +142,7 @@ def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
             grp.pinned = rules_mod.make_decision(spec, {**config, "bits": bits or 8}, k, label, where)
         else:
             for bits, sch in CANDIDATES[scheme]:
-                if "scheme" in spec and spec["scheme"] != sch:
+                if "scheme" in spec and spec["scheme"] != sch or bits < config.get("min_bits", 2):
                     continue
                 cand_spec = {**spec, "bits": bits, "scheme": sch}
                 if bits >= 5 or sch == "codebook":

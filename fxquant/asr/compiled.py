@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -108,10 +107,10 @@ class CompiledWhisper:
     # -- artifact ------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write the three part artifacts, the tokenizer and whisper.json; replaces an old one atomically."""
+        from fxquant.artifact_files import commit_dir
+
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not (directory / "whisper.json").is_file():
-            raise ArtifactError(f"{directory} exists and is not an fxquant Whisper artifact; choose an empty or "
-                                f"new folder")
+        _check_destination(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -122,13 +121,7 @@ class CompiledWhisper:
                     "dims": dataclasses.asdict(self.dims),
                     "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()}
             (tmp / "whisper.json").write_text(json.dumps(meta, indent=1))
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-            tmp.rename(directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            commit_dir(tmp, directory, check=_check_destination)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -162,6 +155,15 @@ class CompiledWhisper:
         parts = [fxquant.load(directory / p, target=target) if target else fxquant.load(directory / p)
                  for p in PARTS]
         return cls(*parts, ModelDimensions(**dims), tok, name, precision)
+
+
+def _check_destination(directory: Path) -> None:
+    """Only nothing, an empty folder or an older Whisper artifact may be replaced."""
+    if directory.is_symlink() or directory.is_file():
+        raise ArtifactError(f"{directory} is a file or a link; save the Whisper artifact to a new or empty folder")
+    if directory.exists() and any(directory.iterdir()) and not (directory / "whisper.json").is_file():
+        raise ArtifactError(f"{directory} exists and is not an fxquant Whisper artifact; choose an empty or "
+                            f"new folder")
 
 
 def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None,

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from fxquant.datasets import DIGIT_WORDS, fsdd_clips, load_clip16k, shared_dir
+from fxquant.datasets import DIGIT_WORDS, fsdd_clips, load_clip16k, shared_data_dir
 
 __all__ = ["Utterance", "ljspeech_dir", "ljspeech", "fsdd_sentences", "calibration_waves"]
 
@@ -35,12 +35,7 @@ class Utterance(NamedTuple):
 
 def ljspeech_dir(root=None) -> Path:
     """<shared>/data/ljspeech (or `root`); FileNotFoundError naming FXQUANT_SHARED when absent."""
-    if root is None:
-        shared = shared_dir()
-        if shared is None:
-            raise FileNotFoundError("LJ Speech not found: no ../shared next to the repo; set FXQUANT_SHARED")
-        root = shared / "data" / "ljspeech"
-    root = Path(root)
+    root = Path(root) if root is not None else shared_data_dir("ljspeech", "LJ Speech")
     if not (root / "metadata.tsv").is_file():
         raise FileNotFoundError(f"LJ Speech metadata not found in {root}; set FXQUANT_SHARED to the shared dir")
     return root

@@ -50,8 +50,12 @@ def _finish_pipeline(target: str) -> str:
 
 
 def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget_bytes: int | None = None,
-                    target: str = "native", max_batches: int = 4, log=None, **options: Any) -> list[CompiledModule]:
-    """Compile several graphs under one budget; returns one CompiledModule per part, in order."""
+                    target: str = "native", max_batches: int = 4, log=None, awq: bool = False,
+                    **options: Any) -> list[CompiledModule]:
+    """Compile several graphs under one budget; returns one CompiledModule per part, in order.
+
+    awq=True runs the awq-scale pass (activation-aware channel scales) before the sensitivity sweep.
+    """
     config = {"avg_bits": avg_bits, "budget_bytes": budget_bytes, "target": target, **options}
     mode, budget, label = budget_mode(config)
     if mode is None:
@@ -65,6 +69,8 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         ctx = PassContext(example_inputs=spec.example, calibration=spec.calibration, config=cfg,
                           progress=sys.stderr.isatty(), model=spec.module)
         analysis = f"{ANALYSIS}{{max_batches={max_batches}}}"
+        if awq:
+            analysis = analysis.replace(",sensitivity", ",awq-scale,sensitivity")
         pm = PassManager(analysis)
         with eval_mode(spec.module):
             gm = pm.run(gm, ctx)

@@ -89,8 +89,6 @@ def test_two_inputs_for_a_one_input_module_is_an_input_error():
         cm(torch.empty(3, 64, device="meta"))
 
 
-@pytest.mark.xfail(strict=True, reason="NaN rows come out finite: the int8 row quantization (qweight."
-                   "quantize_activation_per_row and the kernels' row absmax) drops NaN; see the report to the lead")
 @pytest.mark.parametrize("target", ["native", "reference"])
 def test_nan_input_rows_give_nan_output_rows(target):
     cm = fxquant.compile_lowbit(nn.Sequential(nn.Linear(64, 8)).eval(), (X,), bits=4, target=target)
