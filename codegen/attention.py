@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import torch
 
-from .kernels import _Kernel
+from .kernel_base import _Kernel
 from .render import UnsupportedOp, render
 from .targets import Target, resolve_target
 from .threadpool import load_kernel_library, num_threads, wait_policy

@@ -24,6 +24,7 @@ from fxquant.qweight import dequantize
 from .threadpool import load_kernel_library, num_threads
 from .packing import Packed, analyze_tables, pack_avx512, pack_portable
 from .render import LITERAL_MAX_BYTES, UnsupportedOp, render_conv_grouped, render_linear
+from .kernel_base import _Kernel
 from .targets import Target, resolve_target
 
 _VP, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -31,29 +32,6 @@ _VP, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-class _Kernel:
-    """Common state: name, target, C source, and a guard for targets the host cannot run."""
-
-    def __init__(self, name: str, target: Target, source: str):
-        self.name, self.target, self.source = name, target, source
-        self.runnable = target.runnable()
-
-    def _check(self) -> None:
-        if not self.runnable:
-            raise RuntimeError(f"kernel {self.name} targets {self.target.name!r}, which this CPU cannot run "
-                               f"(needs {', '.join(self.target.required)}); compile with target='native'")
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name}>"
-
-    def __deepcopy__(self, memo) -> "_Kernel":
-        return self  # immutable: copies of a module may share its compiled kernel
-
-    def __reduce__(self):
-        raise TypeError(f"compiled kernel {self.name} cannot be pickled; save the model without kernels "
-                        "(attach_kernels(gm, target='reference')) and re-attach them after loading")
 
 
 class LinearKernel(_Kernel):

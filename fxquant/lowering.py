@@ -1,5 +1,5 @@
-"""Lowered-op construction shared by passes: `make_op` (decision + QuantizedWeight -> op module) and the
-static-activation-scale ops. Passes share code only through the core, so `quantize` (its SQNR check) and
+"""Lowered-op construction shared by passes: `make_op` (decision + QuantizedWeight -> op module),
+`quantize_node` (a decided node's QuantizedWeight) and the static-activation-scale ops. Passes share code only through the core, so `quantize` (its SQNR check) and
 `lower` both build ops here.
 
 Example:
@@ -12,11 +12,12 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.errors import ConfigError
+from fxquant.formats import QuantCache
 from fxquant.ops import LowbitConv, LowbitLinear, apply_epilogue
 from fxquant.qweight import QuantizedWeight, group_accumulators
 from fxquant.quantizers import nodes as qn
 
-__all__ = ["make_op", "static_linear", "StaticLowbitLinear", "StaticLowbitConv"]
+__all__ = ["make_op", "quant_args", "quantize_node", "static_linear", "StaticLowbitLinear", "StaticLowbitConv"]
 
 
 def static_linear(x: torch.Tensor, qw: QuantizedWeight, bias, act_scale: torch.Tensor) -> torch.Tensor:
@@ -98,3 +99,27 @@ def make_op(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, epilogue: st
     if static and groups == 1:
         return StaticLowbitConv(*args, scale, epilogue)
     return LowbitConv(*args, d.act_bits, epilogue)
+
+
+def quant_args(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
+    """(keyword arguments of quantize_weight for a decided node, provenance note or None)."""
+    d: ir.QuantDecision = node.meta[ir.DECISION]
+    stats = node.meta.get(ir.ACT_STATS) or {}
+    hessian = stats.get("H") if d.rounding == "gptq" else None
+    rounding, note = d.rounding, None
+    if rounding == "gptq" and hessian is None:
+        rounding = "nearest"
+        why = "no calibration H (run calibrate)" if not stats else "H not collected (grouped conv or K too large)"
+        note = f"gptq -> nearest rounding: {why}"
+    args = dict(weight=ir.node_weight(gm, node), bits=d.weight_bits, scheme=d.scheme, granularity=d.granularity,
+                group_size=d.group_size, symmetric=d.symmetric, hdiag=stats.get("hdiag"), hessian=hessian,
+                rounding=rounding, where=qn.describe(node))
+    return args, note
+
+
+def quantize_node(gm: fx.GraphModule, node: fx.Node, cache: QuantCache | None = None) -> QuantizedWeight:
+    """QuantizedWeight of one decided node (uses meta ACT_STATS when present)."""
+    args, note = quant_args(gm, node)
+    if note:
+        ir.add_provenance(node, "quantize", note)
+    return (cache or QuantCache(max_bytes=0)).quantize(**args)

@@ -32,7 +32,8 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.graphutil import fresh_submodule_name
-from fxquant.lowering import StaticLowbitConv, StaticLowbitLinear, make_op, static_linear  # noqa: F401 (re-exported)
+from fxquant.lowering import (StaticLowbitConv, StaticLowbitLinear, make_op, quantize_node,  # noqa: F401
+                              static_linear)
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, register_pass
 
@@ -117,8 +118,7 @@ def lower(gm: fx.GraphModule, ctx) -> PassResult:
         d = node.meta.get(ir.DECISION)
         if not ir.is_quantizable(node) or d is None or d.weight_bits is None:
             continue
-        if node.name not in qweights:
-            from .quantize import quantize_node
+        if node.name not in qweights:            # lower without quantize before it: quantize here, same rules
             qweights[node.name] = quantize_node(gm, node)
         epi_node = None
         users = list(node.users)

@@ -30,8 +30,8 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.formats import QuantCache, quant_cache, sqnr_db
-from fxquant.lowering import make_op
+from fxquant.formats import quant_cache, sqnr_db
+from fxquant.lowering import quant_args, make_op, quantize_node  # noqa: F401 (quantize_node re-exported)
 from fxquant.qweight import QuantizedWeight
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, register_pass
@@ -70,30 +70,6 @@ def map_layers(fn: Callable[[T], R], items: list[T], workers: int | None = None)
             return list(pool.map(fn, items))
 
 
-def _quant_args(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
-    """(keyword arguments of quantize_weight for a decided node, provenance note or None)."""
-    d: ir.QuantDecision = node.meta[ir.DECISION]
-    stats = node.meta.get(ir.ACT_STATS) or {}
-    hessian = stats.get("H") if d.rounding == "gptq" else None
-    rounding, note = d.rounding, None
-    if rounding == "gptq" and hessian is None:
-        rounding = "nearest"
-        why = "no calibration H (run calibrate)" if not stats else "H not collected (grouped conv or K too large)"
-        note = f"gptq -> nearest rounding: {why}"
-    args = dict(weight=ir.node_weight(gm, node), bits=d.weight_bits, scheme=d.scheme, granularity=d.granularity,
-                group_size=d.group_size, symmetric=d.symmetric, hdiag=stats.get("hdiag"), hessian=hessian,
-                rounding=rounding, where=qn.describe(node))
-    return args, note
-
-
-def quantize_node(gm: fx.GraphModule, node: fx.Node, cache: QuantCache | None = None) -> QuantizedWeight:
-    """QuantizedWeight of one decided node (uses meta ACT_STATS when present)."""
-    args, note = _quant_args(gm, node)
-    if note:
-        ir.add_provenance(node, PASS, note)
-    return (cache or QuantCache(max_bytes=0)).quantize(**args)
-
-
 def output_sqnr(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, x: torch.Tensor) -> float:
     """SQNR (dB) of the lowered op's output vs the fp32 op on input x."""
     w = ir.node_weight(gm, node)
@@ -115,7 +91,7 @@ def quantize(gm: fx.GraphModule, ctx) -> PassResult:
     for node in gm.graph.nodes:
         d = node.meta.get(ir.DECISION)
         if ir.is_quantizable(node) and d is not None and d.weight_bits is not None:
-            args, note = _quant_args(gm, node)
+            args, note = quant_args(gm, node)
             if note:
                 ir.add_provenance(node, PASS, note)
             todo.append((node, args))

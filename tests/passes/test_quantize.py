@@ -84,7 +84,7 @@ def test_bcresnet_w8a8_keeps_accuracy(shared):
 
 def test_quantize_reuses_a_result_already_in_the_shared_cache():
     """What the sensitivity sweep computed (same weight, format, hdiag) is not quantized again."""
-    from fxquant.passes.quantize import _quant_args, quant_cache
+    from fxquant.passes.quantize import quant_args, quant_cache
 
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
     x = torch.randn(32, 128)
@@ -92,7 +92,7 @@ def test_quantize_reuses_a_result_already_in_the_shared_cache():
     ctx = PassContext(example_inputs=(x,), calibration=[(x,)], config={"bits": 4})
     gm = PassManager("calibrate,assign-precision").run(gm, ctx)
     node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
-    early = quant_cache(ctx).quantize(**_quant_args(gm, node)[0])              # e.g. by the sensitivity pass
+    early = quant_cache(ctx).quantize(**quant_args(gm, node)[0])              # e.g. by the sensitivity pass
     gm = PassManager("quantize").run(gm, ctx)
     assert ctx.state["qweights"][node.name] is early and quant_cache(ctx).hits == 1
 
