@@ -82,3 +82,12 @@ def test_eval_marks_a_variant_that_cannot_be_built(monkeypatch):
     assert evaluate._build_or_skip("fp32", None, None, None, "reference", rows, "WER")[1] == 0.0
     text = evaluate.render(rows + [evaluate.EvalRow("fp32", 0.01, 1000, 32.0, 1.0)])
     assert "cannot be built: avg_bits=1.5 is below the smallest achievable size" in text and "1.00 %" in text
+
+
+def test_compile_bcresnet_without_shared_exits_2(monkeypatch, tmp_path, capsys):
+    from fxquant.cli import main
+
+    monkeypatch.setenv("FXQUANT_SHARED", str(tmp_path / "nowhere"))
+    assert main(["compile", "bcresnet"]) == 2
+    err = capsys.readouterr().err
+    assert "FXQUANT_SHARED" in err and "Traceback" not in err
