@@ -95,14 +95,11 @@ class Transcriber:
         for i, wave in enumerate(waves):
             windows.extend((i, w) for w in split_windows(wave))
         results: list[DecodeResult] = []
-        finished = 0
+        last_window = {i: n for n, (i, _) in enumerate(windows)}      # file -> index of its last window
         for chunk in batched(windows, self.options.batch_size):
             results.extend(self.decode(torch.stack([w for _, w in chunk])))
             if progress is not None:
-                now = len({i for i, _ in windows[:len(results)]}) - (1 if len(results) < len(windows) else 0)
-                if now > finished:
-                    finished = now
-                    progress(finished)
+                progress(sum(last < len(results) for last in last_window.values()))
         per_file: list[list[DecodeResult]] = [[] for _ in waves]
         for (i, _), r in zip(windows, results):
             per_file[i].append(r)

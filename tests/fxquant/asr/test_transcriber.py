@@ -55,3 +55,12 @@ def test_long_audio_is_cut_into_windows(tiny_ckpt, lj_clips):
     assert text.startswith(normalize_english(lj_clips[1].text))
     words_b = normalize_english(lj_clips[5].text).split()
     assert sum(w in text.split() for w in words_b) >= 0.8 * len(words_b)
+
+
+def test_progress_counts_finished_files(small_ckpt, tokenizer):
+    opts = TranscribeOptions(temperatures=(0.0,), max_tokens=2, batch_size=2)
+    t = Transcriber(ModelParts.from_model(small_ckpt.model), tokenizer, opts)
+    seen = []
+    t.transcribe_audio([torch.randn(16000) * 0.1, torch.randn(40 * 16000) * 0.1, torch.randn(8000) * 0.1],
+                       progress=seen.append)
+    assert seen == [1, 3]          # windows: file 0 | file 1 (2 windows) | file 2 -> batches of 2
