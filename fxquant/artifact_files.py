@@ -10,6 +10,8 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+
 import ctypes
 import errno
 import hashlib
@@ -250,3 +252,24 @@ def commit_dir(tmp: Path, final: Path, check=check_destination) -> None:
         aside.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(directory: Path, check=check_destination):
+    """Yield a fresh folder beside `directory`; on success it replaces `directory` atomically (commit_dir),
+    on any error it is deleted. Every artifact writer (module, submodules, Whisper bundle) saves through this.
+
+    Example:
+        >>> with staged_dir(Path("out/model")) as tmp:          # doctest: +SKIP
+        ...     (tmp / "manifest.json").write_text("{}")
+    """
+    check(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        commit_dir(tmp, directory, check=check)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -16,16 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from . import __version__
 from . import artifact_schema as S
-from .artifact_files import FORMAT, check_destination, commit_dir
+from .artifact_files import FORMAT, staged_dir
 from .errors import ArtifactError
 
 _KEYS = ("format", "format_version", "fxquant_version", "torch_version", "kind", "parts")
@@ -36,21 +34,13 @@ def save_parts(cs, directory: str | os.PathLike) -> Path:
     from .artifact import FORMAT_VERSION, save
 
     directory = Path(directory)
-    check_destination(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with staged_dir(directory) as tmp:
         for name, cm in cs.compiled.items():
             save(cm, tmp / "parts" / S.dotted(name, "parts"))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fxquant_version": __version__,
                     "torch_version": __import__("torch").__version__, "kind": "submodules",
                     "parts": list(cs.compiled)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.chmod(tmp, 0o755)
-        commit_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

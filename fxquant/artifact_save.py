@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from torch.utils import _pytree as pytree
 from . import __version__, ir
 from . import artifact_schema as S
 from .artifact_check import abstract_run
-from .artifact_files import FORMAT, check_destination, commit_dir, sha256_file, write_tensor
+from .artifact_files import FORMAT, check_destination, sha256_file, staged_dir, write_tensor
 from .artifact_manifest import FORMAT_VERSION, check_graph_data, check_header
 from .artifact_modules import CLASSES, class_name, op_tensors, plain_attrs
 from .artifact_ops import target_name
@@ -202,9 +200,7 @@ def save(cm, directory: str | os.PathLike) -> Path:
     checks: dict[str, torch.Tensor] = {}
     selftest = _selftest(cm, spec, checks)
     code_bits = {f"{name}.codes": int(m["attrs"]["bits"]) for name, m in modules.items() if "bits" in m["attrs"]}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with staged_dir(directory) as tmp:
         table = _write_tensors(tmp, "weights.bin", tensors, code_bits)
         if checks:  # beside the weights, so weights.bin holds exactly the model
             table.update(_write_tensors(tmp, "selftest.bin", checks, {}))
@@ -230,9 +226,4 @@ def save(cm, directory: str | os.PathLike) -> Path:
             raise ArtifactError(f"cannot save this module: {exc} (fxquant.load would refuse the artifact; "
                                 f"please report this as a bug)") from None
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
-        os.chmod(tmp, 0o755)
-        commit_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

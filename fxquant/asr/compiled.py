@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,13 +106,10 @@ class CompiledWhisper:
     # -- artifact ------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write the three part artifacts, the tokenizer and whisper.json; replaces an old one atomically."""
-        from fxquant.artifact_files import commit_dir
+        from fxquant.artifact_files import staged_dir
 
         directory = Path(directory)
-        _check_destination(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with staged_dir(directory, check=_check_destination) as tmp:
             for part, cm in self.modules().items():
                 cm.save(tmp / part)
             shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
@@ -121,10 +117,6 @@ class CompiledWhisper:
                     "dims": dataclasses.asdict(self.dims),
                     "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()}
             (tmp / "whisper.json").write_text(json.dumps(meta, indent=1))
-            commit_dir(tmp, directory, check=_check_destination)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
