@@ -1,7 +1,13 @@
 """Keyword accuracy of BC-ResNet-2 on all 3000 FSDD clips: fp32 vs low-bit formats.
 
-Run (needs ../shared with the pretrained weights and FSDD; ~5-10 min on 2 cores):
-    cd /work/main && python benchmarks/bench_accuracy.py [--configs fp32,w8a8,...] [--threads 2]
+Run (needs ../shared with the pretrained weights and FSDD; ~3-5 min per config):
+    cd /work/main && OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_accuracy.py \
+        [--configs fp32,w8a8,...] [--threads 1] [--out benchmarks/ACCURACY.md]
+
+The script writes its own results: the table, the command, the machine and the load average go into the
+block between `<!-- bench_accuracy:begin -->` and `<!-- bench_accuracy:end -->` of `--out` (replaced on
+every run; the rest of that file, the commentary, is left alone; appended when the file has no such block).
+`--out ''` only prints.
 
 Each configuration is compiled with `fxquant.compile_lowbit(..., target="reference")` (the exact
 reference semantics of the kernels: dynamic per-row int8 activations for groups == 1 convs),
@@ -17,6 +23,7 @@ biases), average weight bits (nominal code bits weighted by params, float = 32),
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +47,21 @@ CONFIGS = {
     "mixed-2.5": dict(avg_bits=2.5, rules={"op:depthwise": {"granularity": "channel"}}),
 }
 DEFAULT = "fp32,w8a8,w4-g64,w4-codebook,mixed-4,mixed-3,mixed-2.5"
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- bench_accuracy:begin -->", "<!-- bench_accuracy:end -->"
+
+
+def write_block(path: Path, block: str) -> None:
+    """Replace the BEGIN..END block of `path` with `block` (append it when the file has none)."""
+    text = path.read_text() if path.is_file() else ""
+    new = f"{BEGIN}\n{block.rstrip()}\n{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + new + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + new + "\n"
+    path.write_text(text)
+    print(f"wrote the results block of {path}", file=sys.stderr)
 
 
 def weight_stats(cm) -> tuple[float, float]:
@@ -60,10 +82,13 @@ def weight_stats(cm) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=DEFAULT, help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib", type=int, default=256, help="calibration clips from the train split")
+    ap.add_argument("--out", default=str(HERE / "ACCURACY.md"),
+                    help="markdown file whose bench_accuracy block gets the results ('' = print only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    t_run, load_before = time.perf_counter(), os.getloadavg()[0]
     import fxquant
     from fxquant.models.bcresnet import fsdd_features, keyword_accuracy, load_bcresnet
     from fxquant.runtime import tensor_bytes
@@ -91,10 +116,22 @@ def main(argv=None) -> int:
             correct, total = keyword_accuracy(net)
         acc = 100.0 * correct / total
         base = acc if base is None else base
-        rows.append([name, f"{acc:.2f}", f"{acc - base:+.2f}", nbytes, f"{avg:.2f}", f"{eff:.2f}", f"{secs:.0f}"])
+        rows.append([name, f"{acc:.2f}", f"{correct}/{total}", f"{acc - base:+.2f}", nbytes, f"{avg:.2f}", f"{eff:.2f}", f"{secs:.0f}"])
         print(f"{name}: {acc:.2f}% ({correct}/{total}) {nbytes} bytes avg {avg:.2f} bits", file=sys.stderr, flush=True)
-    print(tabulate(rows, headers=["config", "acc %", "delta", "bytes", "avg bits", "eff bits", "compile s"],
-                   tablefmt="github"))
+    table = tabulate(rows, headers=["config", "acc %", "correct", "delta", "bytes", "avg bits", "eff bits", "compile s"],
+                     tablefmt="github", disable_numparse=True)
+    print(table)
+    if args.out:
+        from harness import machine
+        m = machine()
+        block = "\n".join([
+            f"Measured {m['date']} by `python benchmarks/bench_accuracy.py {' '.join(sys.argv[1:])}` (this block is "
+            "written by that script)",
+            f"on {m['cpu']} ({m['cores']} cores, shared), torch {m['torch']} at {args.threads} thread(s), "
+            f"Python {m['python']}; 1-minute load average {load_before:.1f} before -> {os.getloadavg()[0]:.1f} after; "
+            f"whole run {(time.perf_counter() - t_run) / 60:.1f} min. Calibration: {args.calib} train-split clips.",
+            "", table, ""])
+        write_block(Path(args.out), block)
     return 0
 
 

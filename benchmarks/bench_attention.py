@@ -1,9 +1,10 @@
-"""Fair attention benchmark: fxquant's attention kernel vs torch SDPA at Whisper decode shapes (B = 1, Lq = 1).
+"""Fair attention benchmark: fxquant's attention kernel vs torch SDPA at Whisper decode (Lq = 1) and encoder shapes.
 
 Run (not collected by pytest):
     python benchmarks/bench_attention.py                 # 2 threads and 1; quiet and one core busy
     python benchmarks/bench_attention.py --quick --threads 2 --load quiet
     python benchmarks/bench_attention.py --wait-policy passive
+    python benchmarks/bench_attention.py --only prefill --no-write   # the encoder table alone
 
 Rows: cross-attention (Lk = 1500 encoder frames, no mask) and self-attention over the 448-slot decoder cache
 with an additive mask that is -inf beyond the current offset (10, 50, 200 filled slots), for tiny (H = 6) and
@@ -12,7 +13,9 @@ base (H = 8), D = 64. The cache is laid out as Whisper's: a [B, 448, H, D] buffe
 quantize_activation_per_row) next to float32 for the cross-attention shapes, cache-resident and with caches
 evicted before every call (a 64 MB buffer is read, untimed: in a real decode step the 18 MB of float32 cross
 K / V plus the weights overflow the 32 MB L3). Both sides run at the same thread count and wait policy in
-interleaved rounds (benchmarks/harness.py); quiet and with one busy-loop process. Writes
+interleaved rounds (benchmarks/harness.py); quiet and with one busy-loop process. A prefill table times the
+encoder's self-attention (Lq = Lk = 1500, no mask, q / k / v strided views of [B, T, H*D] as Whisper's; B = 1
+and 2): torch fp32 SDPA vs the kernel's bf16 flash-attention path (attention_prefill.c.j2). Writes
 benchmarks/ATTENTION.md and ATTENTION.json.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 21, --quick 9)")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/ATTENTION.md)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--only", choices=["all", "decode", "prefill"], default="all", help="which tables to run")
     return ap.parse_args(argv)
 
 
@@ -102,11 +106,33 @@ def int8_cases(models) -> dict:
     return out
 
 
+def ms_cell(st) -> str:
+    """'median [q1-q3]' in ms of a harness.Stats."""
+    return f"{st.median_us / 1e3:.2f} [{st.q1_us / 1e3:.2f}-{st.q3_us / 1e3:.2f}]"
+
+
+def prefill_cases(models) -> dict:
+    """Encoder self-attention, T = 1500: torch fp32 SDPA vs the bf16 prefill path; max |err| / max |v|."""
+    kern = attention_kernel(64, "native")
+    out = {}
+    for model, h in models:
+        for b in (1, 2):
+            gen = torch.Generator().manual_seed(h * 10 + b)
+            x = torch.randn(b, 1500, 3 * h * 64, generator=gen)
+            q, k, v = (x[..., i * h * 64:(i + 1) * h * 64].view(b, 1500, h, 64).transpose(1, 2) for i in range(3))
+            ref = F.scaled_dot_product_attention(q, k, v)
+            err = ((kern(q, k, v) - ref).abs().max() / v.abs().max()).item() if kern.has_prefill else float("nan")
+            out[f"{model} H={h} B={b}"] = ({"torch SDPA": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                                            "fxquant": lambda q=q, k=k, v=v: kern(q, k, v)}, err)
+    return out
+
+
 def main() -> int:
     args = ARGS or parse_args([])
     rounds = args.rounds or (9 if args.quick else 21)
     models = [("tiny", 6)] if args.quick else [("tiny", 6), ("base", 8)]
-    dec, i8 = decode_cases(models), int8_cases(models)
+    dec, i8 = (decode_cases(models), int8_cases(models)) if args.only != "prefill" else ({}, {})
+    pre = prefill_cases(models) if args.only != "decode" else {}
     junk = torch.ones(EVICT_BYTES // 4)
     runs = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -118,14 +144,27 @@ def main() -> int:
                 for key, (methods, _) in i8.items():
                     res[f"{key} resident"] = harness.measure(methods, rounds=rounds)
                     res[f"{key} evicted"] = harness.measure(methods, rounds=max(5, rounds // 2), before=junk.sum)
+                for key, (methods, _) in pre.items():
+                    res[f"prefill {key}"] = harness.measure(methods, rounds=max(5, rounds // 2), min_sample_s=0)
                 print(f"[{cond.label()}] done", flush=True)
             runs.append((cond, res))
     text = harness.header("Attention kernel benchmarks (fair harness)", [c for c, _ in runs])
     text += ("\nDecode shapes, B = 1, Lq = 1, D = 64. torch SDPA = F.scaled_dot_product_attention; fxquant = "
              "attention_kernel(64) called directly (FusedAttention calls it with no other work). Speed-up = "
-             "time(torch) / time(fxquant).\n")
+             "time(torch) / time(fxquant). Prefill: Lq = Lk = 1500, D = 64, no mask, ms per call; fxquant rounds "
+             "q * scale, k, v and the softmax weights to bf16 (fp32 sums); the error column is max |err| / max |v| "
+             "(the tests bound it by 2^-8 against SDPA on the bf16-rounded operands).\n")
     for cond, res in runs:
         text += f"\n## {cond.label()} (load {cond.load_before:.1f} -> {cond.load_after:.1f})\n\n"
+        if pre:
+            rows = [[k, ms_cell(res[f"prefill {k}"]["torch SDPA"]), ms_cell(res[f"prefill {k}"]["fxquant"]),
+                     f"{res[f'prefill {k}']['torch SDPA'].median_us / res[f'prefill {k}']['fxquant'].median_us:.1f}x",
+                     f"{err:.1e}"] for k, (_, err) in pre.items()]
+            text += "Encoder self-attention (prefill), T = 1500\n\n"
+            text += tabulate(rows, ["shape", "torch SDPA ms", "fxquant bf16 ms", "speed-up", "max |err| / max |v|"],
+                             tablefmt="github") + "\n\n"
+        if not dec:
+            continue
         rows = [[k, res[k]["torch SDPA"].cell(), res[k]["fxquant"].cell(),
                  f"{res[k]['torch SDPA'].median_us / res[k]['fxquant'].median_us:.1f}x", f"{err:.1e}"]
                 for k, (_, err) in dec.items()]

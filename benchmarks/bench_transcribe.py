@@ -2,6 +2,7 @@
 
     python benchmarks/bench_transcribe.py                         # 40 files, tiny.en, --avg-bits 4, 3 rounds
     python benchmarks/bench_transcribe.py --model whisper-base --files 20 --precision bits8
+    python benchmarks/bench_transcribe.py --artifact old=/tmp/old-avg4   # + a row for a saved artifact folder
 
 Each run is a fresh process, as a user runs it: `fxquant transcribe FILES --model M <precision>
 --format tsv` (the compiled artifact is cached on disk by a warm-up run, so compile time is not
@@ -9,7 +10,8 @@ counted; its load is) against a script that loads the same checkpoint folder in 
 compute_type=int8, computes the log-mel features with numpy (no torch in that process, as faster-whisper
 runs) and calls `generate` greedily (beam 1), one window at a time (as `fxquant transcribe` batches 8 windows, a second CTranslate2 row batches 8 too). All at the same
 thread count. Rounds are interleaved; medians, min-max and the load average are printed and written to
-benchmarks/TRANSCRIBE-<model>.md.
+benchmarks/TRANSCRIBE-<model>.md. `--artifact NAME=DIR` adds a row running `fxquant transcribe --artifact DIR`
+(e.g. an artifact compiled before a change, to time both in the same rounds); `--out` writes elsewhere.
 """
 from __future__ import annotations
 
@@ -92,6 +94,10 @@ def main() -> None:
     p.add_argument("--precision", default="avg4", help="bits8 | bits4 | avg4 | avg3 ...")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
+                   help="also time `fxquant transcribe --artifact DIR` (repeatable)")
+    p.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows (they need ctranslate2)")
+    p.add_argument("--out", default=None, help="results file (default benchmarks/TRANSCRIBE-<model>.md)")
     args = p.parse_args()
     from tabulate import tabulate
 
@@ -110,20 +116,29 @@ def main() -> None:
     model_dir = str(resolve_model_dir(args.model))
     ct2 = [sys.executable, "-c", CT2_SCRIPT, str(args.threads), "1", model_dir, *files]
     ct2_b8 = [sys.executable, "-c", CT2_SCRIPT, str(args.threads), "8", model_dir, *files]
+    cmds = {"fxquant": fxq}
+    for spec in args.artifact:
+        name, _, folder = spec.partition("=")
+        cmds[f"fxquant ({name})"] = [sys.executable, "-m", "fxquant.cli", "transcribe", *files, "--artifact",
+                                     folder, "--format", "tsv"]
+    if not args.no_ct2:
+        cmds.update({"ct2-int8 (batch 1)": ct2, "ct2-int8 (batch 8)": ct2_b8})
     print("warm-up (compiles and caches the fxquant artifact if needed) ...", file=sys.stderr)
-    _run(fxq, env)
-    _run(ct2, env)
+    for name, cmd in cmds.items():
+        if name != "ct2-int8 (batch 8)":
+            _run(cmd, env)
     load_before = os.getloadavg()
-    times: dict[str, list[float]] = {"fxquant": [], "ct2-int8 (batch 1)": [], "ct2-int8 (batch 8)": []}
+    times: dict[str, list[float]] = {name: [] for name in cmds}
     outputs = {}
     for r in range(args.rounds):
-        for name, cmd in (("fxquant", fxq), ("ct2-int8 (batch 1)", ct2), ("ct2-int8 (batch 8)", ct2_b8)):
+        order = list(cmds.items())
+        for name, cmd in order[r % len(order):] + order[:r % len(order)]:
             t, out = _run(cmd, env)
             times[name].append(t)
             outputs[name] = out
             print(f"round {r + 1} {name}: {t:.1f} s", file=sys.stderr)
     load_after = os.getloadavg()
-    base = statistics.median(times["ct2-int8 (batch 1)"])
+    base = statistics.median(times.get("ct2-int8 (batch 1)", times["fxquant"]))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -131,7 +146,8 @@ def main() -> None:
                      f"{base / med:.2f}x"])
     label = f"fxquant ({args.precision})"
     rows[0][0] = label
-    table = tabulate(rows, headers=["variant", "median s", "min-max s", "real-time factor", "vs CT2 batch 1"],
+    table = tabulate(rows, headers=["variant", "median s", "min-max s", "real-time factor",
+                                    "vs fxquant" if args.no_ct2 else "vs CT2 batch 1"],
                      tablefmt="github")
     header = (f"`python benchmarks/bench_transcribe.py {' '.join(sys.argv[1:])}`\n\n"
               f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} ({_cpu()}), {args.threads} threads, "
@@ -139,7 +155,7 @@ def main() -> None:
               f"load, features, decode), {args.rounds} interleaved rounds. Load average before "
               f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores).\n\n")
     print(table)
-    out = HERE / f"TRANSCRIBE-{args.model}.md"
+    out = Path(args.out) if args.out else HERE / f"TRANSCRIBE-{args.model}.md"
     out.write_text(f"# Transcription wall time: {args.model}\n\n" + header + table + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

@@ -19,8 +19,29 @@ from .render import UnsupportedOp, render_linear
 from .targets import TARGETS, Target, detect_host, resolve_target
 from .threadpool import pool_stats
 
-__all__ = ["AttachReport", "AttentionKernel", "BuildError", "Float32Fallback", "GroupedConvKernel", "Im2colConvKernel",
-           "LinearKernel",
-           "TARGETS", "Target", "UnsupportedOp", "analyze_tables", "attach_kernels", "attention_kernel",
-           "build_library", "cache_dir", "compile_op", "detect_host", "find_compiler", "lowered_ops", "pack_avx512",
-           "pack_portable", "pool_stats", "render_linear", "resolve_target"]
+__all__ = [
+    "AttachReport",
+    "AttentionKernel",
+    "BuildError",
+    "Float32Fallback",
+    "GroupedConvKernel",
+    "Im2colConvKernel",
+    "LinearKernel",
+    "TARGETS",
+    "Target",
+    "UnsupportedOp",
+    "analyze_tables",
+    "attach_kernels",
+    "attention_kernel",
+    "build_library",
+    "cache_dir",
+    "compile_op",
+    "detect_host",
+    "find_compiler",
+    "lowered_ops",
+    "pack_avx512",
+    "pack_portable",
+    "pool_stats",
+    "render_linear",
+    "resolve_target",
+]

@@ -54,7 +54,9 @@ class AttachReport:
 
 
 def lowered_ops(gm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, (LowbitLinear, LowbitConv, FusedAttention))]
+    return [
+        (n, m) for n, m in gm.named_modules() if isinstance(m, (LowbitLinear, LowbitConv, FusedAttention))
+    ]
 
 
 def _try(op, target, cache_dir):
@@ -95,7 +97,7 @@ def _compile(name, op, t, fallback, cache_dir, report):
 
 
 def _time_against_torch(gm, report: AttachReport, example_inputs, budget_s: float) -> None:
-    """never_slower: time every attached kernel against its torch op on the inputs it gets from example_inputs."""
+    """never_slower: time every attached kernel against its torch op on its inputs from example_inputs."""
     ops = dict(lowered_ops(gm))
     names = {n for n in report.attached if n in ops}
     try:
@@ -126,9 +128,16 @@ def _time_against_torch(gm, report: AttachReport, example_inputs, budget_s: floa
             del op.kernel_choice
 
 
-def attach_kernels(gm: torch.nn.Module, target: str = "native", fallback: bool = False,
-                   out_dir: str | Path | None = None, cache_dir: str | None = None, never_slower: bool = False,
-                   example_inputs: tuple | None = None, timing_budget_s: float = 0.03) -> AttachReport:
+def attach_kernels(
+    gm: torch.nn.Module,
+    target: str = "native",
+    fallback: bool = False,
+    out_dir: str | Path | None = None,
+    cache_dir: str | None = None,
+    never_slower: bool = False,
+    example_inputs: tuple | None = None,
+    timing_budget_s: float = 0.03,
+) -> AttachReport:
     """Compile and attach a kernel to each lowered op (op.kernel, op.backend = "c:<target>").
 
     target="reference" detaches all kernels.  With fallback=True an op the target cannot serve

@@ -1,4 +1,4 @@
-"""Scaled-dot-product attention as a generated C kernel specialised on the head dim (decode shapes).
+"""Scaled-dot-product attention as a generated C kernel specialised on the head dim (decode and encoder shapes).
 
 `attention_kernel(D, target)(q, k, v, mask, scale)` computes what
 `torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)` does (no dropout,
@@ -9,6 +9,12 @@ The result is a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer: merging
 With kv_dtype="int8", key / value are int8 [B, H, Lk, D] with float32 [B, H, Lk, 1] row scales (as made by
 `fxquant.qweight.quantize_activation_per_row`), dequantized on the fly: a quarter of the bytes to read for
 cross-attention K/V that stay fixed while decoding.
+
+Prefill: an unmasked float32 call with at least PREFILL_MIN_ROWS query rows (an encoder's self-attention) runs
+a flash-attention path on AVX512-BF16 dot products (templates/attention_prefill.c.j2; avx512 target, head dim a
+multiple of 16, `has_prefill`): q * scale, k, v and the softmax weights rounded to bf16, sums in fp32, about
+4x faster than torch's fp32 SDPA at T = 1500 and within ~2^-8 * max|v| of it (prefill_split=2 makes the
+scores nearly exact for 1.5x the time).
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -21,6 +27,11 @@ Example:
     >>> k8 = attention_kernel(head_dim=8, target="portable", kv_dtype="int8")    # doctest: +SKIP
     >>> out8 = k8(q, kq, kq, key_scale=ks, value_scale=ks)                       # doctest: +SKIP
     >>> torch.allclose(out8, F.scaled_dot_product_attention(q, kq * ks, kq * ks), atol=1e-6)  # doctest: +SKIP
+    True
+    >>> enc = attention_kernel(64, "native")                                      # doctest: +SKIP
+    >>> x = torch.randn(1, 6, 1500, 64)
+    >>> err = (enc(x, x, x) - F.scaled_dot_product_attention(x, x, x)).abs().max()  # doctest: +SKIP
+    >>> bool(err < 2 ** -8 * x.abs().max()) if enc.has_prefill else True         # doctest: +SKIP
     True
 """
 from __future__ import annotations
@@ -42,6 +53,12 @@ from .threadpool import load_kernel_library, num_threads, wait_policy
 # spins (threadpool.DEFAULT_SPIN_US after its last job) but tens of us once it sleeps (OMP_WAIT_POLICY=passive).
 PAR_MIN_WORK = 1 << 18
 PAR_MIN_WORK_PASSIVE = 1 << 20
+# query rows from which an unmasked float32 call takes the bf16 prefill path (see AttentionKernel.has_prefill)
+PREFILL_MIN_ROWS = 32
+# q.k in the prefill path: 0 = bf16 q and k (default: its rounding is below the noise a quantized Whisper
+# encoder adds anyway, see benchmarks/ATTENTION.md); 1 = q as bf16 hi + lo (1.25x time); 2 = q and k hi + lo,
+# three products (1.5x time, scores nearly fp32; what is left is p and v rounded to bf16)
+PREFILL_SPLITS = (0, 1, 2)
 # B, H, Lq, Lk, strides (B, H, L, D) of q, k, v, mask strides (B, H, Lq), par_min; int8: + scale strides (B, H, L)
 _DIMS = struct.Struct("20q")
 _DIMS8 = struct.Struct("26q")
@@ -51,13 +68,15 @@ _F32, _I8 = torch.float32, torch.int8
 KV_DTYPES = {"float32": _F32, "int8": _I8}
 
 
-def render_attention(head_dim: int, target: Target, kv_dtype: str = "float32") -> tuple[str, str]:
+def render_attention(head_dim: int, target: Target, kv_dtype: str = "float32",
+                     prefill_split: int = 0) -> tuple[str, str]:
     """(kernel name, C source), e.g. ("attention_avx512_d64", "...#define FX_D 64...");
     kv_dtype="int8" gives e.g. "attention_avx512_d64_kv8"."""
     kv8 = kv_dtype == "int8"
     name = f"attention_{target.name}_d{head_dim}" + ("_kv8" if kv8 else "")
+    name += f"_s{prefill_split}" if prefill_split else ""
     return name, render("attention.c.j2", name=name, D=head_dim, family=target.family, kv8=kv8,
-                        kv_t="int8_t" if kv8 else "float")
+                        kv_t="int8_t" if kv8 else "float", pf_split=prefill_split)
 
 
 class AttentionKernel(_Kernel):
@@ -77,6 +96,17 @@ class AttentionKernel(_Kernel):
         self._fn.argtypes = [_VP, _VP, _VP, _VP, _VP, _VP, _INT, ctypes.c_float, *scales]
         self._fn.restype = None
         self._tls = threading.local()  # per-thread dims buffer (ctypes releases the GIL during the call)
+        self._prefill = None  # fx_attention_prefill: bf16 flash attention for many query rows, no mask
+        if kv_dtype == "float32" and hasattr(lib, "fx_attention_prefill") and lib.fx_prefill_available():
+            self._prefill = lib.fx_attention_prefill
+            self._prefill.argtypes = [_VP, _VP, _VP, _VP, _VP, _INT, ctypes.c_float]
+            self._prefill.restype = None
+        self.prefill_min_rows = PREFILL_MIN_ROWS  # calls with at least this many query rows (and no mask) use it
+
+    @property
+    def has_prefill(self) -> bool:
+        """True when this kernel has the bf16 prefill path (avx512 target, CPU with AVX512-BF16, float32 K / V)."""
+        return self._prefill is not None
 
     def _dims_buffer(self) -> tuple[ctypes.Array, int]:
         try:
@@ -184,6 +214,10 @@ class AttentionKernel(_Kernel):
         out = torch.empty_strided((b, h, lq, d), (lq * h * d, d, h * d, 1), dtype=_F32)  # [B, Lq, H, D].transpose(1, 2)
         buf, addr = self._dims_buffer()
         scale = self.default_scale if scale is None else scale
+        if mptr is None and self._prefill is not None and lq >= self.prefill_min_rows:
+            _DIMS.pack_into(buf, 0, b, h, lq, lk, *qs, *ks, *vs, *ms, self.par_min)
+            self._prefill(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), addr, num_threads(), scale)
+            return out
         if kv is _F32:
             _DIMS.pack_into(buf, 0, b, h, lq, lk, *qs, *ks, *vs, *ms, self.par_min)
             self._fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), mptr, out.data_ptr(), addr,
@@ -204,14 +238,14 @@ class AttentionKernel(_Kernel):
 
 
 @lru_cache(maxsize=None)
-def _build(head_dim: int, target: Target, cache_dir: str | None, kv_dtype: str) -> AttentionKernel:
-    name, src = render_attention(head_dim, target, kv_dtype)
+def _build(head_dim: int, target: Target, cache_dir: str | None, kv_dtype: str, split: int) -> AttentionKernel:
+    name, src = render_attention(head_dim, target, kv_dtype, split)
     lib = load_kernel_library(src, name, target.flags, cache_dir)
     return AttentionKernel(name, target, src, lib, head_dim, kv_dtype)
 
 
 def attention_kernel(head_dim: int, target: str | Target = "native", cache_dir: str | None = None,
-                     kv_dtype: str = "float32") -> AttentionKernel:
+                     kv_dtype: str = "float32", prefill_split: int = 0) -> AttentionKernel:
     """The attention kernel for one head dim, target ("avx512" | "avx2" | "portable" | "native" or a
     Target) and key / value dtype ("float32" or "int8"), compiled once per process (and cached on disk by
     content hash)."""
@@ -221,4 +255,7 @@ def attention_kernel(head_dim: int, target: str | Target = "native", cache_dir: 
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
-    return _build(head_dim, resolve_target(target), None if cache_dir is None else str(cache_dir), kv_dtype)
+    if prefill_split not in PREFILL_SPLITS:
+        raise ValueError(f"prefill_split must be one of {PREFILL_SPLITS}, got {prefill_split!r}")
+    return _build(head_dim, resolve_target(target), None if cache_dir is None else str(cache_dir), kv_dtype,
+                  prefill_split)

@@ -9,10 +9,12 @@ it is rebuilt.  A compiler that produces no valid shared object (e.g. CC=/bin/tr
 BuildError, and nothing is cached.
 
 Example:
-    >>> lib = build_library("int fx_one(void) { return 1; }", "demo", ("-O2", "-fPIC", "-shared"))  # doctest: +SKIP
-    >>> lib.fx_one()                                                                               # doctest: +SKIP
+    >>> flags = ("-O2", "-fPIC", "-shared")
+    >>> lib = build_library("int fx_one(void) { return 1; }", "demo", flags)  # doctest: +SKIP
+    >>> lib.fx_one()                                                          # doctest: +SKIP
     1
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -50,8 +52,10 @@ def find_compiler() -> str:
         if path:
             return path
     looked = f"CC={cc!r}" if cc else "cc, gcc and clang on PATH"
-    raise BuildError(f"no C compiler found (looked for {looked}). Install gcc (e.g. `apt-get install gcc`), "
-                     f"set CC to a working C compiler, or use target=\"reference\" to run without kernels.")
+    raise BuildError(
+        f"no C compiler found (looked for {looked}). Install gcc (e.g. `apt-get install gcc`), "
+        f"set CC to a working C compiler, or use target=\"reference\" to run without kernels."
+    )
 
 
 @lru_cache(maxsize=8)
@@ -120,8 +124,10 @@ def _check_library(path: Path, cc: str, cmd: list[str]) -> None:
     except OSError:
         head = b""
     if head != _ELF_MAGIC:
-        raise BuildError(f"C compiler {cc} reported success but wrote no shared library "
-                         f"({' '.join(cmd)}); set CC to a working C compiler (gcc or clang)")
+        raise BuildError(
+            f"C compiler {cc} reported success but wrote no shared library "
+            f"({' '.join(cmd)}); set CC to a working C compiler (gcc or clang)"
+        )
 
 
 def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | None = None) -> Path:
@@ -131,7 +137,9 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
     not match its recorded sha256 is rebuilt.
     """
     if not isinstance(name, str) or not _NAME.match(name):
-        raise BuildError(f"kernel name {name!r} must be 1-120 letters, digits or _ (it names a file in the cache)")
+        raise BuildError(
+            f"kernel name {name!r} must be 1-120 letters, digits or _ (it names a file in the cache)"
+        )
     cc = find_compiler()
     key = source_key(source, flags, cc)
     d = cache_dir(cache)
@@ -149,9 +157,11 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise BuildError(f"C compiler {cc} failed on {src} (exit {res.returncode}):\n"
-                             f"{' '.join(cmd)}\n{res.stderr[-4000:]}\nFix the template, or use "
-                             f"target=\"portable\" / target=\"reference\".")
+            raise BuildError(
+                f"C compiler {cc} failed on {src} (exit {res.returncode}):\n"
+                f"{' '.join(cmd)}\n{res.stderr[-4000:]}\nFix the template, or use "
+                f"target=\"portable\" / target=\"reference\"."
+            )
         _check_library(Path(tmp), cc, cmd)
         digest = _file_sha256(Path(tmp))
         _sidecar(lib).unlink(missing_ok=True)
@@ -173,8 +183,9 @@ def load_library(path: Path) -> ctypes.CDLL:
             except OSError as exc:
                 Path(path).unlink(missing_ok=True)
                 _sidecar(Path(path)).unlink(missing_ok=True)
-                raise BuildError(f"cannot load compiled kernel {path} ({exc}); it was removed from the cache, "
-                                 f"build again") from None
+                raise BuildError(
+                    f"cannot load compiled kernel {path} ({exc}); it was removed from the cache, build again"
+                ) from None
         return _LOADED[key]
 
 

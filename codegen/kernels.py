@@ -22,8 +22,9 @@ from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
 from fxquant.qweight import dequantize
 
 from .threadpool import load_kernel_library, num_threads
-from .packing import Packed, analyze_tables, pack_avx512, pack_portable
-from .render import LITERAL_MAX_BYTES, UnsupportedOp, render_conv_grouped, render_linear
+from .kernel_table import kernel_for
+from .packing import Packed, analyze_tables
+from .render import UnsupportedOp, render_conv_grouped, render_linear
 from .kernel_base import _Kernel
 from .targets import Target, resolve_target
 
@@ -176,10 +177,7 @@ def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKern
     ln_eps, residual = getattr(op, "ln_eps", None), bool(getattr(op, "residual", False))
     name, src = render_linear(qw, family, op.bias is not None, op.epilogue, op.act_bits, target.name, info,
                               ln_eps=ln_eps, has_res=residual)
-    if family == "avx512" and op.act_bits == 8:
-        packed = pack_avx512(qw, info)
-    else:
-        packed = pack_portable(qw, literal_levels=qw.table.numel() <= LITERAL_MAX_BYTES)
+    packed = kernel_for(qw.scheme, family if op.act_bits == 8 else "f32").pack(qw, info)
     lib = load_kernel_library(src, name, target.flags, cache_dir)
     n, k = qw.codes.shape
     bias = None if op.bias is None else op.bias.float().contiguous()
@@ -215,4 +213,5 @@ def compile_op(op, target: str | Target = "native", cache_dir: str | None = None
 
         kw = {"kv_dtype": "int8"} if op.kv_int8 else {}
         return attention_kernel(op.head_dim, t, cache_dir=cache_dir, **kw)
-    raise UnsupportedOp(f"compile_op expects a LowbitLinear, LowbitConv or FusedAttention, got {type(op).__name__}")
+    raise UnsupportedOp(f"compile_op expects a LowbitLinear, LowbitConv or FusedAttention, "
+                        f"got {type(op).__name__}")

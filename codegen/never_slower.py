@@ -12,8 +12,8 @@ interleaved, at the current thread count (`torch.get_num_threads()`), and the fa
 The choice is recorded on the op: `op.kernel_choice = "torch"` (stored in artifacts, honoured when a model is
 loaded or re-attached) and `op.backend`, e.g. "torch-fp32 (kernel 5.3 ms > fp32 1.1 ms)"; a kernel that stays
 shows its timings too, e.g. "c:avx512 (kernel 0.12 ms <= fp32 0.51 ms)". The kernel must be
-slower by more than `rel_margin` and `abs_margin_ms` to be replaced (timings on a shared machine are noisy, and
-a few microseconds are not worth 4x the weight bytes).
+slower by more than `rel_margin` and `abs_margin_ms` to be replaced (timings on a shared machine are
+noisy, and a few microseconds are not worth 4x the weight bytes).
 
 Example:
     >>> import torch
@@ -26,6 +26,7 @@ Example:
     >>> slower_kernel(kernel_ms=5.3, fp32_ms=1.1)
     True
 """
+
 from __future__ import annotations
 
 import statistics
@@ -40,7 +41,7 @@ from torch import fx
 from fxquant.ops import EPILOGUES, FusedAttention, LowbitConv, LowbitLinear
 from fxquant.qweight import dequantize
 
-REL_MARGIN = 1.10      # the kernel must take > 1.1x the fp32 op ...
+REL_MARGIN = 1.10  # the kernel must take > 1.1x the fp32 op ...
 ABS_MARGIN_MS = 0.005  # ... and > 5 us more per call to be replaced
 TORCH_CHOICE = "torch"
 
@@ -68,7 +69,11 @@ class Float32Fallback:
         self.bias = None if op.bias is None else op.bias.detach().float()
         self.epilogue = EPILOGUES.get(op.epilogue) if op.epilogue else None
         self.ln_eps = getattr(op, "ln_eps", None)
-        self.ln = (getattr(op, "ln_weight", None), getattr(op, "ln_bias", None)) if self.ln_eps is not None else None
+        self.ln = (
+            (getattr(op, "ln_weight", None), getattr(op, "ln_bias", None))
+            if self.ln_eps is not None
+            else None
+        )
         self.residual = bool(getattr(op, "residual", False))
 
     def weight_bytes(self) -> int:
@@ -101,8 +106,9 @@ def _code_shape(op) -> tuple[int, int]:
     return tuple(shape) if shape is not None else tuple(op.codes.shape)
 
 
-def slower_kernel(kernel_ms: float, fp32_ms: float, rel_margin: float = REL_MARGIN,
-                  abs_margin_ms: float = ABS_MARGIN_MS) -> bool:
+def slower_kernel(
+    kernel_ms: float, fp32_ms: float, rel_margin: float = REL_MARGIN, abs_margin_ms: float = ABS_MARGIN_MS
+) -> bool:
     """True when the kernel is clearly slower than the fp32 op (both margins exceeded)."""
     return kernel_ms > fp32_ms * rel_margin and kernel_ms - fp32_ms > abs_margin_ms
 
@@ -149,8 +155,14 @@ def capture_op_inputs(gm: torch.nn.Module, example_inputs: tuple, names: set[str
     return seen
 
 
-def time_pair(first: Callable[[], Any], second: Callable[[], Any], budget_s: float = 0.03,
-              min_reps: int = 3, max_reps: int = 25, clear_ratio: float = 2.0) -> tuple[float, float]:
+def time_pair(
+    first: Callable[[], Any],
+    second: Callable[[], Any],
+    budget_s: float = 0.03,
+    min_reps: int = 3,
+    max_reps: int = 25,
+    clear_ratio: float = 2.0,
+) -> tuple[float, float]:
     """Median ms of two callables timed alternately (load from other processes hits both alike). Stops early
     once one is clearly (clear_ratio x) faster, else after min_reps pairs and budget_s, or max_reps pairs."""
     first(), second()  # warm-up
@@ -169,13 +181,15 @@ def time_pair(first: Callable[[], Any], second: Callable[[], Any], budget_s: flo
 
 
 def _caller(op, impl, args: tuple, kwargs: dict) -> Callable[[], Any]:
-    """A call of op's forward with `impl` as its kernel. Linear / conv ops call impl directly, as their forward
-    does (so op.kernel, which may re-home the op's codes when set, is not touched); attention swaps op.kernel
-    (impl None = its torch SDPA path)."""
+    """A call of op's forward with `impl` as its kernel. Linear / conv ops call impl directly, as their
+    forward does (so op.kernel, which may re-home the op's codes when set, is not touched); attention swaps
+    op.kernel (impl None = its torch SDPA path)."""
     if isinstance(op, FusedAttention):
+
         def call():
             op.kernel = impl
             return op(*args, **kwargs)
+
         return call
     x = args[0]
     residual = args[1] if len(args) > 1 else kwargs.get("residual")
@@ -207,8 +221,15 @@ def kernel_serves(op, args: tuple) -> bool:
     return True
 
 
-def decide(op, kernel, args: tuple, kwargs: dict, budget_s: float = 0.03, rel_margin: float = REL_MARGIN,
-           abs_margin_ms: float = ABS_MARGIN_MS) -> tuple[Timing, Any, str]:
+def decide(
+    op,
+    kernel,
+    args: tuple,
+    kwargs: dict,
+    budget_s: float = 0.03,
+    rel_margin: float = REL_MARGIN,
+    abs_margin_ms: float = ABS_MARGIN_MS,
+) -> tuple[Timing, Any, str]:
     """Time kernel vs torch op on (args, kwargs); (timing, the callable to attach if torch won (else None),
     torch backend name)."""
     twin, torch_name = fallback_for(op, timing_only=True)

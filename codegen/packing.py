@@ -33,6 +33,7 @@ import torch
 from fxquant.qweight import PackedCodes, QuantizedWeight
 
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+LITERAL_MAX_BYTES = 4096  # level tables up to this size are inlined in the kernel source as a literal
 PACK_CHUNK_ROWS = 256  # rows (un)packed per step: temporaries stay ~1 MiB per 4096 inputs
 
 
@@ -76,7 +77,7 @@ class Packed:
     aux: torch.Tensor | None = None     # avx512: int32 offsets; portable: int32 table_index
     tables: torch.Tensor | None = None  # avx512 codebook: uint8 [NB, G|1, 4, 64] biased tables
     levels: torch.Tensor | None = None  # portable: int8 level table (when too big for a C literal)
-    packed_codes: PackedCodes | None = None  # every code of the weight, read back from `codes` (not passed to C)
+    packed_codes: PackedCodes | None = None
 
     def tensors(self) -> list[torch.Tensor | None]:
         return [self.codes, self.scales, self.aux, self.tables, self.levels]
@@ -92,14 +93,14 @@ def _grouped_codes(codes: np.ndarray, group_size: int, rows: int, gsp: int) -> n
     g, full = math.ceil(k / group_size), k // group_size
     out = np.zeros((rows, g, gsp), dtype=np.uint8)
     if full:
-        out[:n, :full, :group_size] = codes[:, :full * group_size].reshape(n, full, group_size)
+        out[:n, :full, :group_size] = codes[:, : full * group_size].reshape(n, full, group_size)
     if k > full * group_size:
-        out[:n, full, :k - full * group_size] = codes[:, full * group_size:]
+        out[:n, full, : k - full * group_size] = codes[:, full * group_size :]
     return out
 
 
 def _bit_planes(q: np.ndarray, bits: int) -> np.ndarray:
-    """q: uint8 [..., 4 quads, 64 bytes] codes -> uint8 [..., 32*bits] bit-plane bytes (byte arithmetic only)."""
+    """q: uint8 [..., 4 quads, 64 bytes] codes -> uint8 [..., 32*bits] bit-plane bytes (byte arithmetic)."""
     out, shift = [], 0
     lead = q.shape[:-2]
     for width in PLANES[bits]:
@@ -122,7 +123,7 @@ def _from_bit_planes(planes: np.ndarray, bits: int) -> np.ndarray:
     q = np.zeros((*lead, 4, 64), dtype=np.uint8)
     pos, shift = 0, 0
     for width in PLANES[bits]:
-        b = planes[..., pos:pos + 32 * width]
+        b = planes[..., pos : pos + 32 * width]
         if width == 8:
             v = b.reshape(*lead, 4, 64)
         elif width == 4:
@@ -150,7 +151,7 @@ def unpack_avx512(codes: torch.Tensor, shape: tuple[int, int], bits: int, group_
         q = _from_bit_planes(planes[b0:b1], bits).reshape(b1 - b0, g, gsp // 16, 4, 16, 4)
         q = q.transpose(0, 4, 1, 2, 3, 5).reshape((b1 - b0) * 16, g, gsp)[:, :, :group_size]
         rows = min(b1 * 16, n) - b0 * 16
-        out[b0 * 16:b0 * 16 + rows] = q[:rows].reshape(rows, g * group_size)[:, :k]
+        out[b0 * 16 : b0 * 16 + rows] = q[:rows].reshape(rows, g * group_size)[:, :k]
     return torch.from_numpy(out)
 
 
@@ -165,16 +166,25 @@ def pack_avx512(qw: QuantizedWeight, info: TableInfo | None = None) -> Packed:
     step = max(1, PACK_CHUNK_ROWS // 16)
     for b0 in range(0, nb, step):  # numpy (one thread, no barriers on a busy machine), in small row chunks
         b1 = min(b0 + step, nb)
-        c = _grouped_codes(src[b0 * 16:b1 * 16], qw.group_size, (b1 - b0) * 16, gsp)
+        c = _grouped_codes(src[b0 * 16 : b1 * 16], qw.group_size, (b1 - b0) * 16, gsp)
         # (nb, r, g, s, q, i) -> (nb, g, s, q, r, i): quad byte 4*r + i
-        c = c.reshape(b1 - b0, 16, g, gsp // 16, 4, 4).transpose(0, 2, 3, 4, 1, 5).reshape(b1 - b0, g, gsp // 16, 4, 64)
+        c = (
+            c.reshape(b1 - b0, 16, g, gsp // 16, 4, 4)
+            .transpose(0, 2, 3, 4, 1, 5)
+            .reshape(b1 - b0, g, gsp // 16, 4, 64)
+        )
         codes[b0:b1] = _bit_planes(c, qw.bits).reshape(b1 - b0, -1)
     codes = torch.from_numpy(codes.reshape(-1))
     scales = torch.nn.functional.pad(qw.scales.float(), (0, 0, 0, nb * 16 - n))
     scales = scales.view(nb, 16, g).transpose(1, 2).contiguous()
     shape, bits, gs = tuple(qw.codes.shape), qw.bits, qw.group_size
-    packed = Packed(codes, scales, packed_codes=PackedCodes(
-        codes, shape, bits, "avx512", lambda data: unpack_avx512(data, shape, bits, gs)))
+    packed = Packed(
+        codes,
+        scales,
+        packed_codes=PackedCodes(
+            codes, shape, bits, "avx512", lambda data: unpack_avx512(data, shape, bits, gs)
+        ),
+    )
     if info.mode == "affine":
         offs = torch.nn.functional.pad(info.offsets, (0, 0, 0, nb * 16 - n))
         packed.aux = offs.view(nb, 16, g).transpose(1, 2).contiguous().to(torch.int32)
@@ -186,8 +196,10 @@ def pack_avx512(qw: QuantizedWeight, info: TableInfo | None = None) -> Packed:
 def codebook_tables(qw: QuantizedWeight, nb: int) -> torch.Tensor:
     """uint8 [NB, G or 1, 4, 64]: for vpshufb number r, lane j holds the biased table of row 4j+r."""
     if qw.bits > 4:
-        raise ValueError("avx512 codebook (non-affine multi-table) kernels need bits <= 4; "
-                         "use target='portable' for this layer")
+        raise ValueError(
+            "avx512 codebook (non-affine multi-table) kernels need bits <= 4; "
+            "use target='portable' for this layer"
+        )
     n = qw.codes.shape[0]
     tidx = qw.table_index.long()
     if bool((tidx == tidx[:, :1]).all()):
@@ -206,6 +218,15 @@ def pack_portable(qw: QuantizedWeight, literal_levels: bool) -> Packed:
     aux = qw.table_index.to(torch.int32).contiguous() if qw.table.shape[0] > 1 else None
     levels = None if literal_levels else qw.table.contiguous()
     k, gs = qw.codes.shape[1], qw.group_size
-    unpack = (lambda data: data.view(n, -1, gs).reshape(n, -1)[:, :k].contiguous())
-    return Packed(codes, qw.scales.float().contiguous(), aux, None, levels,
-                  PackedCodes(codes, (n, k), qw.bits, "portable", unpack))
+
+    def unpack(data):
+        return data.view(n, -1, gs).reshape(n, -1)[:, :k].contiguous()
+
+    return Packed(
+        codes,
+        qw.scales.float().contiguous(),
+        aux,
+        None,
+        levels,
+        PackedCodes(codes, (n, k), qw.bits, "portable", unpack),
+    )

@@ -57,14 +57,14 @@ class ThreadPoolError(FxQuantError):
 
 
 def num_threads() -> int:
-    """Threads a kernel called now by this thread may use: its kernel_threads() override, else torch's count."""
+    """Threads a kernel called now by this thread may use: its kernel_threads() override, else torch's."""
     n = getattr(_LOCAL, "n", None)
     return torch.get_num_threads() if n is None else n
 
 
 @contextmanager
 def kernel_threads(n: int) -> Iterator[None]:
-    """Kernels called by this thread inside the block use up to n threads, whatever torch.get_num_threads() says."""
+    """Kernels this thread calls inside the block use up to n threads, whatever torch.get_num_threads()."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ThreadPoolError(f"kernel_threads needs a positive int, got {n!r}")
     old = getattr(_LOCAL, "n", None)
@@ -98,7 +98,9 @@ def wait_policy(env: Mapping[str, str] | None = None) -> tuple[str, int]:
         try:
             us = int(raw)
         except ValueError:
-            raise ThreadPoolError(f"FXQUANT_SPIN_US must be a whole number of microseconds, got {raw!r}") from None
+            raise ThreadPoolError(
+                f"FXQUANT_SPIN_US must be a whole number of microseconds, got {raw!r}"
+            ) from None
         if us < 0:
             raise ThreadPoolError(f"FXQUANT_SPIN_US must be >= 0, got {us}")
         return f"spin {us} us", us
@@ -144,18 +146,27 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.fx_bind_runtime
     fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_int
     if fn(pool.fx_pool_runtime()) != 0:
-        raise ThreadPoolError(f"kernel library {lib._name} does not accept runtime ABI {RUNTIME_ABI}; delete it "
-                              "from the kernel cache (FXQUANT_CACHE_DIR) so that it is rebuilt")
+        raise ThreadPoolError(
+            f"kernel library {lib._name} does not accept runtime ABI {RUNTIME_ABI}; delete it "
+            "from the kernel cache (FXQUANT_CACHE_DIR) so that it is rebuilt"
+        )
     return lib
 
 
-def load_kernel_library(source: str, name: str, flags: tuple[str, ...], cache: str | None = None) -> ctypes.CDLL:
+def load_kernel_library(
+    source: str, name: str, flags: tuple[str, ...], cache: str | None = None
+) -> ctypes.CDLL:
     """build_library (content-hash cache) + bind to the shared pool: how every kernel library is loaded."""
     return bind(build_library(source, name, flags, cache))
 
 
-def configure(spin_us: int | None = None, caller_spin_us: int | None = None, stall_us: int | None = None,
-              backoff_ms: tuple[int, int] | None = None, measure: bool | None = None) -> None:
+def configure(
+    spin_us: int | None = None,
+    caller_spin_us: int | None = None,
+    stall_us: int | None = None,
+    backoff_ms: tuple[int, int] | None = None,
+    measure: bool | None = None,
+) -> None:
     """Tune the pool (None keeps a setting): helper spin before sleeping, caller spin before sleeping,
     the wait beyond 4 chunks that counts as a stall, the (min, max) solo back-off after a stall, and
     whether each call site measures serial against parallel and uses the faster (False: always parallel;
@@ -163,10 +174,14 @@ def configure(spin_us: int | None = None, caller_spin_us: int | None = None, sta
     lib = pool_library()
     if lib is None:
         return
-    ns = lambda us: -1 if us is None else int(us) * 1000
+
+    def ns(us):
+        return -1 if us is None else int(us) * 1000
+
     lo, hi = (-1, -1) if backoff_ms is None else (int(backoff_ms[0]) * 10**6, int(backoff_ms[1]) * 10**6)
-    lib.fx_pool_configure(ns(spin_us), ns(caller_spin_us), ns(stall_us), lo, hi,
-                          -1 if measure is None else int(measure))
+    lib.fx_pool_configure(
+        ns(spin_us), ns(caller_spin_us), ns(stall_us), lo, hi, -1 if measure is None else int(measure)
+    )
 
 
 def pool_stats() -> dict[str, int]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .tracing import capture, check_inputs, eval_mode
 from .errors import ConfigError
+from .formats import scheme_options
 from .memory import trim_heap
 from .passmanager import PassManager
 from .pipeline import Pipeline
@@ -29,16 +30,18 @@ from .registry import PassContext
 from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes, unquantized_weight_warning
 
 HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
-QUANTIZE = ("calibrate,sensitivity,assign-precision,quantize,tie-embeddings,lower,merge-siblings,fuse-layernorm,"
-            "fuse-residual,lower-attention")
+QUANTIZE = (
+    "calibrate,sensitivity,assign-precision,quantize,tie-embeddings,lower,merge-siblings,fuse-layernorm,"
+    "fuse-residual,lower-attention"
+)
 VALID_BITS = (8, 4, 3, 2)
-SCHEMES = ("uniform", "codebook", "auto")
 EXTRA_OPTIONS = {
     "group_size": "group size along K for per-group formats (default 64; 32/64/128)",
     "act_bits": "8 (dynamic per-token int8, default) or None (float activations)",
     "min_bits": "under a budget, the smallest weight width the solver may pick (default 2)",
-    "kv_bits": "8 (attention keys/values that are constant graph inputs kept as per-row int8, default) or None "
-               "(float32)",
+    "kv_bits": "8 (attention keys/values that are constant graph inputs kept as per-row int8, default) "
+    "or None "
+    "(float32)",
     "gptq": "error-compensating rounding from calibration statistics (default False)",
     "dump_mode": "'all' | 'changed' | 'failure' (default 'all' when dump_dir is set)",
     "capture_method": "'auto' | 'export' | 'symbolic'",
@@ -60,41 +63,71 @@ def default_pipeline(target: str = "native") -> str:
     return f"{HYGIENE},{QUANTIZE},{suffix}"
 
 
-def compile_lowbit(model: nn.Module, example_inputs: Any, bits: int | None = None,
-                   avg_bits: float | None = None, budget_bytes: int | None = None, scheme: str = "auto",
-                   calibration: Iterable | None = None, rules: dict | None = None,
-                   passes: str | list | None = None, target: str = "native",
-                   submodules: list[str] | None = None, dump_dir: str | os.PathLike | None = None,
-                   **options: Any) -> nn.Module:
+def compile_lowbit(
+    model: nn.Module,
+    example_inputs: Any,
+    bits: int | None = None,
+    avg_bits: float | None = None,
+    budget_bytes: int | None = None,
+    scheme: str = "auto",
+    calibration: Iterable | None = None,
+    rules: dict | None = None,
+    passes: str | list | None = None,
+    target: str = "native",
+    submodules: list[str] | None = None,
+    dump_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> nn.Module:
     """Compile `model` into a low-bit drop-in module (see README for every option)."""
     example_inputs = check_inputs(model, example_inputs)
     _check_options(bits, avg_bits, budget_bytes, scheme, rules, target, options)
     _check_finite_weights(model)
     target = _fallback_target(target, options)
     dump_dir = dump_dir or os.environ.get("FXQUANT_DUMP") or None
-    pipeline = Pipeline.coerce(passes if passes is not None else _with_fallback(default_pipeline(target), options))
-    config = {"bits": bits, "avg_bits": avg_bits, "budget_bytes": budget_bytes, "scheme": scheme,
-              "rules": rules, "target": target, **options}
+    pipeline = Pipeline.coerce(
+        passes if passes is not None else _with_fallback(default_pipeline(target), options)
+    )
+    config = {
+        "bits": bits,
+        "avg_bits": avg_bits,
+        "budget_bytes": budget_bytes,
+        "scheme": scheme,
+        "rules": rules,
+        "target": target,
+        **options,
+    }
     calib = _materialize_calibration(calibration, options.get("max_calibration", 64))
     if submodules:
         result = _compile_submodules(model, example_inputs, submodules, calib, pipeline, config, dump_dir)
     else:
         result = _compile_graph(model, example_inputs, calib, pipeline, config, dump_dir)
-    trim_heap()   # give the compile's freed temporaries (calibration statistics, candidates) back to the OS
+    trim_heap()  # give the compile's freed temporaries (calibration statistics, candidates) back to the OS
     return result
 
 
 def _compile_graph(model, example_inputs, calibration, pipeline, config, dump_dir, name="") -> CompiledModule:
     gm = capture(model, example_inputs, method=config.get("capture_method", "auto"))
-    ctx = PassContext(example_inputs=example_inputs, calibration=calibration or [example_inputs],
-                      config=config, progress=config.get("progress", sys.stderr.isatty()), model=model)
+    ctx = PassContext(
+        example_inputs=example_inputs,
+        calibration=calibration or [example_inputs],
+        config=config,
+        progress=config.get("progress", sys.stderr.isatty()),
+        model=model,
+    )
     sub_dir = None if dump_dir is None else (os.path.join(dump_dir, name) if name else dump_dir)
     pm = PassManager(pipeline, dump_dir=sub_dir, dump_mode=config.get("dump_mode", "all"))
     with eval_mode(model):
         gm = pm.run(gm, ctx)
-    cm = CompiledModule(gm, pipeline=str(pipeline), timings=pm.timings, config=config,
-                        signature=_signature(model), name=name, fp32_bytes=tensor_bytes(model),
-                        example_inputs=example_inputs)
+    cm = CompiledModule(
+        gm,
+        pipeline=str(pipeline),
+        timings=pm.timings,
+        config=config,
+        signature=_signature(model),
+        name=name,
+        fp32_bytes=tensor_bytes(model),
+        example_inputs=example_inputs,
+    )
     kept = unquantized_weight_warning(cm.report_rows())
     if kept:
         import warnings
@@ -113,29 +146,51 @@ def _signature(model: nn.Module):
 def _check_options(bits, avg_bits, budget_bytes, scheme, rules, target, options) -> None:
     unknown = sorted(set(options) - set(EXTRA_OPTIONS))
     if unknown:
-        valid = ["bits", "avg_bits", "budget_bytes", "scheme", "calibration", "rules", "passes", "target",
-                 "submodules", "dump_dir", *EXTRA_OPTIONS]
+        valid = [
+            "bits",
+            "avg_bits",
+            "budget_bytes",
+            "scheme",
+            "calibration",
+            "rules",
+            "passes",
+            "target",
+            "submodules",
+            "dump_dir",
+            *EXTRA_OPTIONS,
+        ]
         close = difflib.get_close_matches(unknown[0], valid, n=1)
-        raise ConfigError(f"unknown option {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f"; valid options: {', '.join(valid)}")
+        raise ConfigError(
+            f"unknown option {unknown[0]!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; valid options: {', '.join(valid)}"
+        )
     if bits is not None and bits not in VALID_BITS:
         raise ConfigError(f"bits must be one of {VALID_BITS}, got {bits!r}")
-    given = [k for k, v in (("bits", bits), ("avg_bits", avg_bits), ("budget_bytes", budget_bytes)) if v is not None]
+    given = [
+        k
+        for k, v in (("bits", bits), ("avg_bits", avg_bits), ("budget_bytes", budget_bytes))
+        if v is not None
+    ]
     if len(given) > 1:
         raise ConfigError(f"give one of bits, avg_bits or budget_bytes, not {' and '.join(given)}")
     if avg_bits is not None and not (isinstance(avg_bits, (int, float)) and 1 < avg_bits <= 32):
         raise ConfigError(f"avg_bits must be a number in (1, 32], got {avg_bits!r}")
     if budget_bytes is not None and not (isinstance(budget_bytes, int) and budget_bytes > 0):
         raise ConfigError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
-    if scheme not in SCHEMES:
-        raise ConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme not in scheme_options():
+        raise ConfigError(f"scheme must be one of {scheme_options()}, got {scheme!r}")
     if rules is not None and not isinstance(rules, dict):
         raise ConfigError(f"rules must be a dict {{pattern: bits or {{...}}}}, got {type(rules).__name__}")
     if not isinstance(target, str):
-        raise ConfigError(f"target must be a string such as 'native', 'avx512', 'avx2', 'portable' or "
-                          f"'reference', got {target!r}")
-    if target not in TARGET_NAMES:
-        raise ConfigError(f"target must be one of {TARGET_NAMES}, got {target!r}")
+        raise ConfigError(
+            f"target must be a string such as 'native', 'avx512', 'avx2', 'portable' or "
+            f"'reference', got {target!r}"
+        )
+    from .codegen.targets import target_names
+
+    if target not in target_names():
+        raise ConfigError(f"target must be one of {target_names()}, got {target!r}")
     if rules is not None:
         from .rules import parse_rules
 
@@ -153,7 +208,6 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24
 
 
-TARGET_NAMES = ("native", "avx512", "avx2", "portable", "reference")
 OPTION_CHECKS = {
     "group_size": (_positive_int, "a positive integer (e.g. 32, 64, 128)"),
     "act_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
@@ -168,8 +222,10 @@ OPTION_CHECKS = {
     "dump_mode": (lambda v: v in ("all", "changed", "failure"), "'all', 'changed' or 'failure'"),
     "capture_method": (lambda v: v in ("auto", "export", "symbolic"), "'auto', 'export' or 'symbolic'"),
     "max_calibration": (_positive_int, "a positive integer"),
-    "depthwise_bits": (lambda v: v is None or (v in VALID_BITS and not isinstance(v, bool)),
-                       f"None or one of {VALID_BITS}"),
+    "depthwise_bits": (
+        lambda v: v is None or (v in VALID_BITS and not isinstance(v, bool)),
+        f"None or one of {VALID_BITS}",
+    ),
 }
 
 
@@ -184,8 +240,11 @@ def _fallback_target(target: str, options: dict) -> str:
     except BuildError as exc:
         import warnings
 
-        warnings.warn(f"fallback=True: {exc} Compiling for target='reference' (the PyTorch reference path, "
-                      f"no generated kernels) instead.", stacklevel=3)
+        warnings.warn(
+            f"fallback=True: {exc} Compiling for target='reference' (the PyTorch reference path, "
+            f"no generated kernels) instead.",
+            stacklevel=3,
+        )
         return "reference"
     return target
 
@@ -202,22 +261,32 @@ def _with_fallback(pipeline: str, options: dict) -> str:
 def _check_finite_weights(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cpu":
-            raise ConfigError(f"{name} is on device {t.device}; fxquant compiles CPU models: load real weights "
-                              f"on the CPU (model.to('cpu'), or load_state_dict(..., assign=True) for a meta model)")
+            raise ConfigError(
+                f"{name} is on device {t.device}; fxquant compiles CPU models: load real weights "
+                f"on the CPU (model.to('cpu'), or load_state_dict(..., assign=True) for a meta model)"
+            )
     for name, mod in model.named_modules():
         weight = getattr(mod, "weight", None)
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) and isinstance(weight, torch.Tensor) \
-                and weight.numel() == 0:
-            raise ConfigError(f"module {name!r} ({type(mod).__name__}) has an empty weight of shape "
-                              f"{tuple(weight.shape)}; a layer with no inputs or outputs cannot be quantized: "
-                              f"remove it from the model")
-    tensors = [(n, t, torch.isfinite) for n, t in model.named_parameters()] + \
-              [(n, t, lambda v: ~torch.isnan(v)) for n, t in model.named_buffers()]  # buffers may hold -inf masks
+        if (
+            isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and isinstance(weight, torch.Tensor)
+            and weight.numel() == 0
+        ):
+            raise ConfigError(
+                f"module {name!r} ({type(mod).__name__}) has an empty weight of shape "
+                f"{tuple(weight.shape)}; a layer with no inputs or outputs cannot be quantized: "
+                f"remove it from the model"
+            )
+    tensors = [(n, t, torch.isfinite) for n, t in model.named_parameters()] + [
+        (n, t, lambda v: ~torch.isnan(v)) for n, t in model.named_buffers()
+    ]  # buffers may hold -inf masks
     for name, t, ok in tensors:
         if t.is_floating_point() and t.numel() and not ok(t).all():
             bad = int((~ok(t)).sum())
-            raise ConfigError(f"{name} has {bad} NaN/Inf values; fix or re-train the model before compiling "
-                              f"(quantization scales would be undefined)")
+            raise ConfigError(
+                f"{name} has {bad} NaN/Inf values; fix or re-train the model before compiling "
+                f"(quantization scales would be undefined)"
+            )
 
 
 def _as_tuple(item: Any) -> tuple:
@@ -232,15 +301,19 @@ def _materialize_calibration(calibration: Iterable | None, limit: int) -> list[t
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
-        raise ConfigError("calibration must be an iterable of input tuples (e.g. a list or DataLoader), "
-                          "not a single tensor; wrap it as [(tensor,)]")
+        raise ConfigError(
+            "calibration must be an iterable of input tuples (e.g. a list or DataLoader), "
+            "not a single tensor; wrap it as [(tensor,)]"
+        )
     items = []
     for item in calibration:
         items.append(_as_tuple(item))
         if len(items) >= limit:
             break
     if not items:
-        raise ConfigError("calibration is empty; give at least one input tuple, or None to use example_inputs")
+        raise ConfigError(
+            "calibration is empty; give at least one input tuple, or None to use example_inputs"
+        )
     return items
 
 
@@ -254,14 +327,20 @@ def _select_submodules(model: nn.Module, patterns: list[str]) -> list[str]:
         hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
         if not hits:
             top = sorted({n.split(".")[0] for n in names})
-            raise ConfigError(f"submodules pattern {pat!r} matches no module; top-level modules are: "
-                              f"{', '.join(top)}")
+            raise ConfigError(
+                f"submodules pattern {pat!r} matches no module; top-level modules are: {', '.join(top)}"
+            )
         chosen.extend(hits)
-    return [n for n in dict.fromkeys(chosen)  # outermost wins when nested names both match
-            if not any(n.startswith(o + ".") for o in chosen if o != n)]
+    return [
+        n
+        for n in dict.fromkeys(chosen)  # outermost wins when nested names both match
+        if not any(n.startswith(o + ".") for o in chosen if o != n)
+    ]
 
 
-def _record_calls(model: nn.Module, names: list[str], inputs: list[tuple], limit: int) -> dict[str, list[tuple]]:
+def _record_calls(
+    model: nn.Module, names: list[str], inputs: list[tuple], limit: int
+) -> dict[str, list[tuple]]:
     calls: dict[str, list[tuple]] = {n: [] for n in names}
     handles = []
     for name in names:
@@ -272,8 +351,10 @@ def _record_calls(model: nn.Module, names: list[str], inputs: list[tuple], limit
             if len(calls[name]) < limit:
                 if kwargs:
                     if sig is None:
-                        raise ConfigError(f"submodule {name!r} is called with keyword arguments; "
-                                          f"compile a module called positionally")
+                        raise ConfigError(
+                            f"submodule {name!r} is called with keyword arguments; "
+                            f"compile a module called positionally"
+                        )
                     bound = sig.bind(*args, **kwargs)
                     args = tuple(bound.arguments.values())
                 calls[name].append(tuple(args))
@@ -298,11 +379,14 @@ def _compile_submodules(model, example_inputs, patterns, calibration, pipeline, 
     compiled = {}
     for name in names:
         if not examples[name]:
-            raise ConfigError(f"submodule {name!r} was not called when running the model on example_inputs, "
-                              f"so it has no example inputs; choose modules the forward pass uses")
+            raise ConfigError(
+                f"submodule {name!r} was not called when running the model on example_inputs, "
+                f"so it has no example inputs; choose modules the forward pass uses"
+            )
         sub = result.get_submodule(name)
-        cm = _compile_graph(sub, examples[name][0], calib[name] or examples[name], pipeline, config,
-                            dump_dir, name=name)
+        cm = _compile_graph(
+            sub, examples[name][0], calib[name] or examples[name], pipeline, config, dump_dir, name=name
+        )
         parent, _, attr = name.rpartition(".")
         setattr(result.get_submodule(parent) if parent else result, attr, cm)
         compiled[name] = cm

@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -37,9 +38,11 @@ from .artifact_files import (FORMAT, TENSOR_FILES, pack_codes, packed_nbytes, re
 from .artifact_manifest import FORMAT_VERSION, check_graph_data, check_header, read_manifest
 from .artifact_modules import build_module, check_consistency, module_attrs, module_buffers
 from .artifact_ops import resolve_target
+from .artifact_parts import part_dir, part_names
 from .artifact_save import save
 from .errors import ArtifactError
 from .input_spec import InputSpec
+from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "pack_codes", "unpack_codes"]
 
@@ -63,20 +66,28 @@ def _check_files(directory: Path, files: dict) -> None:
         if rel in TENSOR_FILES:
             continue  # hashed while it is read
         if sha256_file(directory, rel) != digest:
-            raise ArtifactError(f"{directory}/{rel} does not match its checksum in manifest.json: the file is "
-                                f"corrupted or was modified; re-save the artifact")
+            raise ArtifactError(
+                f"{directory}/{rel} does not match its checksum in manifest.json: the file is "
+                f"corrupted or was modified; re-save the artifact"
+            )
 
 
 def _load_tensors(directory: Path, table: Any, files: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of the table, read from weights.bin / selftest.bin (each read once, checked against its hash)."""
+    """Every tensor of the table, read from weights.bin / selftest.bin (each read once, hash-checked)."""
     S.want_dict(table, "tensors", free_keys=True)
     specs = {}
     for name, spec in table.items():
         where = f"tensors.{S.dotted(name, 'tensors key')}"
         if isinstance(spec, dict) and "alias" in spec:
             S.want_dict(spec, where, required=("alias",))
-            if not isinstance(spec["alias"], str) or spec["alias"] not in specs or "alias" in specs[spec["alias"]]:
-                raise S.fail(where, f"aliases {str(spec['alias'])[:80]!r}, which is not a tensor stored before it")
+            if (
+                not isinstance(spec["alias"], str)
+                or spec["alias"] not in specs
+                or "alias" in specs[spec["alias"]]
+            ):
+                raise S.fail(
+                    where, f"aliases {str(spec['alias'])[:80]!r}, which is not a tensor stored before it"
+                )
             specs[name] = spec
             continue
         S.want_dict(spec, where, required=("dtype", "shape", "offset", "nbytes"), optional=("bits", "file"))
@@ -104,7 +115,9 @@ def _load_tensors(directory: Path, table: Any, files: dict) -> dict[str, torch.T
         for name, s in mine.items():
             if s["offset"] + s["nbytes"] > blob.numel():
                 raise S.fail(f"tensors.{name}", f"does not fit {file}: truncated or tampered artifact")
-            out[name] = tensor_from_blob(blob, s["offset"], s["nbytes"], s["dtype"], s["shape"], s.get("bits"))
+            out[name] = tensor_from_blob(
+                blob, s["offset"], s["nbytes"], s["dtype"], s["shape"], s.get("bits")
+            )
         del blob
     for name, s in specs.items():
         if "alias" in s:
@@ -126,7 +139,9 @@ def _build_modules(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module
             bufs[key] = None if ref is None else tensors[ref]
             owned.add(ref)
         code_spec = m["tensors"].get(refs.get("codes") or "", {})
-        check_consistency(cls, attrs, bufs, where, code_spec.get("bits") if isinstance(code_spec, dict) else None)
+        check_consistency(
+            cls, attrs, bufs, where, code_spec.get("bits") if isinstance(code_spec, dict) else None
+        )
         root.add_module(name, build_module(cls, attrs, bufs))
     return root, owned
 
@@ -157,8 +172,9 @@ def _build_graph(m: dict, root: nn.Module, constants: set[str]) -> tuple[fx.Grap
         where = f"graph.nodes[{i}]"
         S.want_dict(entry, where, required=("name", "op", "target", "args", "kwargs", "meta", "out_shape"))
         name = S.ident(entry["name"], f"{where}.name")
-        op = S.want_enum(entry["op"], ("placeholder", "get_attr", "call_function", "call_module", "output"),
-                         f"{where}.op")
+        op = S.want_enum(
+            entry["op"], ("placeholder", "get_attr", "call_function", "call_module", "output"), f"{where}.op"
+        )
         if name in nodes:
             raise S.fail(f"{where}.name", f"{name!r} is defined twice")
 
@@ -168,8 +184,10 @@ def _build_graph(m: dict, root: nn.Module, constants: set[str]) -> tuple[fx.Grap
             return nodes[ref]
 
         args = S.decode_arg(entry["args"], f"{where}.args", lookup)
-        kwargs = {S.ident(k, f"{where}.kwargs key"): S.decode_arg(v, f"{where}.kwargs.{k}", lookup)
-                  for k, v in S.want_dict(entry["kwargs"], f"{where}.kwargs", free_keys=True).items()}
+        kwargs = {
+            S.ident(k, f"{where}.kwargs key"): S.decode_arg(v, f"{where}.kwargs.{k}", lookup)
+            for k, v in S.want_dict(entry["kwargs"], f"{where}.kwargs", free_keys=True).items()
+        }
         if not isinstance(args, tuple):
             raise S.fail(f"{where}.args", "node arguments are a tuple")
         if op == "output":
@@ -208,7 +226,10 @@ def _pytree_codegen(graph: fx.Graph, info: Any, placeholders: list[str]) -> None
     from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
     S.want_dict(info, "graph.codegen", required=("orig_args", "in_spec", "out_spec"))
-    orig = [S.ident(a, "graph.codegen.orig_args") for a in S.want_list(info["orig_args"], "graph.codegen.orig_args")]
+    orig = [
+        S.ident(a, "graph.codegen.orig_args")
+        for a in S.want_list(info["orig_args"], "graph.codegen.orig_args")
+    ]
     specs = []
     for key in ("in_spec", "out_spec"):
         text = S.want_text(info[key], f"graph.codegen.{key}", 1_000_000)
@@ -216,13 +237,17 @@ def _pytree_codegen(graph: fx.Graph, info: Any, placeholders: list[str]) -> None
             specs.append(pytree.treespec_loads(text))
         except Exception as exc:
             missing = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ArtifactError(f"manifest.json graph.codegen.{key} cannot be read ({missing}). If it names a type "
-                                f"from another library (e.g. a transformers ModelOutput), import that library "
-                                f"before fxquant.load so that it registers the type with torch's pytree; "
-                                f"otherwise the artifact is tampered") from None
+            raise ArtifactError(
+                f"manifest.json graph.codegen.{key} cannot be read ({missing}). If it names a type "
+                f"from another library (e.g. a transformers ModelOutput), import that library "
+                f"before fxquant.load so that it registers the type with torch's pytree; "
+                f"otherwise the artifact is tampered"
+            ) from None
     in_spec, out_spec = specs
     if in_spec.num_leaves != len(placeholders):
-        raise S.fail("graph.codegen.in_spec", f"has {in_spec.num_leaves} leaves for {len(placeholders)} inputs")
+        raise S.fail(
+            "graph.codegen.in_spec", f"has {in_spec.num_leaves} leaves for {len(placeholders)} inputs"
+        )
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo(orig, in_spec, out_spec))
 
 
@@ -230,15 +255,18 @@ def _input_spec(m: dict, gm: fx.GraphModule) -> tuple[InputSpec, list[dict]]:
     items = S.input_specs(m["inputs"], "inputs")
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if [it["name"] for it in items] != names:
-        raise S.fail("inputs", f"names {[it['name'] for it in items][:8]} do not match the graph inputs {names[:8]}")
+        raise S.fail(
+            "inputs", f"names {[it['name'] for it in items][:8]} do not match the graph inputs {names[:8]}"
+        )
     for i, it in enumerate(items):
         if it["kind"] == "tensor":
             ex = S.shape(m["inputs"][i].get("example"), f"inputs[{i}].example", 16)
             if len(ex) != len(it["shape"]) or any(w is not None and w != d for w, d in zip(it["shape"], ex)):
                 raise S.fail(f"inputs[{i}].example", f"{list(ex)} does not fit the shape {list(it['shape'])}")
             it["example"] = ex
-    spec = InputSpec([{k: v for k, v in it.items() if k != "example"} for it in items],
-                     getattr(gm, "_in_spec", None))
+    spec = InputSpec(
+        [{k: v for k, v in it.items() if k != "example"} for it in items], getattr(gm, "_in_spec", None)
+    )
     return spec, items
 
 
@@ -256,8 +284,12 @@ def _selftest_data(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[list, lis
     return out[0], out[1]
 
 
-def load(directory: str | os.PathLike, target: str | None = None, model: nn.Module | None = None,
-         check: bool = True):
+def load(
+    directory: str | os.PathLike,
+    target: str | None = None,
+    model: nn.Module | None = None,
+    check: bool = True,
+):
     """Load an artifact written by `save`; kernels are rendered and built (or fetched from the cache) here.
 
     target: "native" (default for native artifacts), "avx512", "avx2", "portable" or "reference".
@@ -265,16 +297,12 @@ def load(directory: str | os.PathLike, target: str | None = None, model: nn.Modu
     submodules the compiled parts replace. check=False skips the abstract run and the self-test
     (faster; only for artifacts you wrote yourself: the schema checks still run).
     """
-    from .runtime import CompiledModule
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.get("kind") == "submodules":
-        from .artifact_parts import load_parts
-
-        return load_parts(directory, manifest, target=target, model=model, check=check)
+        return _load_parts(directory, manifest, target, model, check)
     if target is not None:
-        S.want_enum(target, S.TARGETS, "load(target=...)")
+        S.want_enum(target, S.target_names(), "load(target=...)")
     check_header(manifest, directory)
     check_graph_data(manifest)
     _check_files(directory, manifest["files"])
@@ -291,8 +319,10 @@ def load(directory: str | os.PathLike, target: str | None = None, model: nn.Modu
     except ArtifactError:
         raise
     except Exception as exc:
-        raise ArtifactError(f"the graph in {directory}/manifest.json is invalid ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}): tampered artifact") from None
+        raise ArtifactError(
+            f"the graph in {directory}/manifest.json is invalid ({type(exc).__name__}: "
+            f"{str(exc)[:300]}): tampered artifact"
+        ) from None
     spec, items = _input_spec(manifest, gm)
     if check:
         abstract_run(gm, items, expected=shapes)
@@ -300,8 +330,15 @@ def load(directory: str | os.PathLike, target: str | None = None, model: nn.Modu
     saved_target = manifest["target"]
     target = target or (saved_target if saved_target in ("reference", "portable") else "native")
     config = dict(manifest["config"], target=target)
-    cm = CompiledModule(gm, pipeline=manifest["pipeline"], config=config, signature=sig, name=manifest["name"],
-                        fp32_bytes=manifest["fp32_bytes"], input_spec=spec)
+    cm = CompiledModule(
+        gm,
+        pipeline=manifest["pipeline"],
+        config=config,
+        signature=sig,
+        name=manifest["name"],
+        fp32_bytes=manifest["fp32_bytes"],
+        input_spec=spec,
+    )
     if manifest["modules"] and target != "reference":
         _attach(gm, target, bool(config.get("fallback")))
     if check and selftest is not None:
@@ -311,6 +348,21 @@ def load(directory: str | os.PathLike, target: str | None = None, model: nn.Modu
     tensors = selftest = None  # noqa: F841 - drop the loader's unpacked codes, then give the freed pages back
     trim_heap()
     return cm
+
+
+def _load_parts(
+    directory: Path, manifest: dict, target: str | None, model: nn.Module | None, check: bool
+) -> CompiledSubmodules:
+    """A copy of `model` whose compiled submodules are the artifact's parts (fxquant/artifact_parts.py)."""
+    names = part_names(directory, manifest, model)
+    result = copy.deepcopy(model)
+    compiled = {}
+    for name in names:
+        cm = load(part_dir(directory, name), target=target, check=check)
+        parent, _, attr = name.rpartition(".")
+        setattr(result.get_submodule(parent) if parent else result, attr, cm)
+        compiled[name] = cm
+    return CompiledSubmodules(result, compiled, fp32_bytes=tensor_bytes(model))
 
 
 def _signature(params: list[str] | None) -> inspect.Signature | None:
@@ -327,5 +379,7 @@ def _attach(gm: fx.GraphModule, target: str, fallback: bool) -> None:
     try:
         attach_kernels(gm, target=target, fallback=fallback)
     except UnsupportedOp as exc:
-        raise ArtifactError(f"this artifact cannot run on target {target!r} ({exc}); load it with "
-                            f"target='portable' or target='reference'") from None
+        raise ArtifactError(
+            f"this artifact cannot run on target {target!r} ({exc}); load it with "
+            f"target='portable' or target='reference'"
+        ) from None

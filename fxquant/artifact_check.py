@@ -33,8 +33,10 @@ REL_TOL = 1e-3
 
 
 def _bad(node: fx.Node, what: str) -> ArtifactError:
-    return ArtifactError(f"the graph in manifest.json is inconsistent at node {node.name!r}: {what}; tampered or "
-                         f"corrupted artifact, re-save it")
+    return ArtifactError(
+        f"the graph in manifest.json is inconsistent at node {node.name!r}: {what}; tampered or "
+        f"corrupted artifact, re-save it"
+    )
 
 
 def _tensor_arg(node: fx.Node, value: Any, what: str) -> torch.Tensor:
@@ -44,7 +46,7 @@ def _tensor_arg(node: fx.Node, value: Any, what: str) -> torch.Tensor:
 
 
 def _code_shape(mod) -> tuple[int, int]:
-    """(N, K) of a lowered op's codes without touching its tensors (the abstract run is under FakeTensorMode)."""
+    """(N, K) of a lowered op's codes without touching its tensors (the abstract run uses FakeTensorMode)."""
     shape = getattr(mod, "code_shape", None)
     return tuple(shape) if shape is not None else tuple(mod.codes.shape)
 
@@ -71,8 +73,11 @@ def _conv(node, mod: LowbitConv, args, kwargs):
     x = _tensor_arg(node, args[0], "its input")
     ws, dims = mod.weight_shape, mod.dims
     if x.dim() != dims + 2 or x.shape[1] != ws[1] * mod.groups or not x.is_floating_point():
-        raise _bad(node, f"its input {tuple(x.shape)} does not fit a {dims}-D conv with {ws[1] * mod.groups} "
-                         f"input channels")
+        raise _bad(
+            node,
+            f"its input {tuple(x.shape)} does not fit a {dims}-D conv with {ws[1] * mod.groups} "
+            f"input channels",
+        )
     spatial = []
     for size, k, s, p, d in zip(x.shape[2:], ws[2:], mod.stride, mod.padding, mod.dilation):
         o = (size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -96,12 +101,25 @@ def _attention(node, mod: FusedAttention, args, kwargs):
         raise _bad(node, "attention takes (q, k, v, mask=None)")
     q, k, v = (_tensor_arg(node, a, "q/k/v") for a in args[:3])
     mask = args[3] if len(args) == 4 else None
-    if q.shape[-1] != mod.head_dim or k.shape[-1] != mod.head_dim or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise _bad(node, f"q {tuple(q.shape)} / k {tuple(k.shape)} do not have head dim {mod.head_dim} in 4-D")
+    if (
+        q.shape[-1] != mod.head_dim
+        or k.shape[-1] != mod.head_dim
+        or q.dim() != 4
+        or k.dim() != 4
+        or v.dim() != 4
+    ):
+        raise _bad(
+            node, f"q {tuple(q.shape)} / k {tuple(k.shape)} do not have head dim {mod.head_dim} in 4-D"
+        )
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=mod.scale)
 
 
-_RULES = ((FusedAttention, _attention), (LowbitEmbedding, _embedding), (LowbitConv, _conv), (LowbitLinear, _linear))
+_RULES = (
+    (FusedAttention, _attention),
+    (LowbitEmbedding, _embedding),
+    (LowbitConv, _conv),
+    (LowbitLinear, _linear),
+)
 
 
 def _module_rule(node: fx.Node, mod: torch.nn.Module, args, kwargs):
@@ -139,7 +157,9 @@ class _AbstractRun:
                 item = next(feed, None)
                 if item is None or item["kind"] not in ("tensor", "none"):
                     raise _bad(node, "inputs other than tensors or None cannot be checked")
-                env[node] = torch.empty(item["example"], dtype=item["dtype"]) if item["kind"] == "tensor" else None
+                env[node] = (
+                    torch.empty(item["example"], dtype=item["dtype"]) if item["kind"] == "tensor" else None
+                )
                 continue
             if node.op == "output":
                 break
@@ -165,11 +185,15 @@ class _AbstractRun:
                 raise _bad(node, f"its output {tuple(t.shape)} would exceed {MAX_RUN_NUMEL} elements")
         shape = [int(d) for d in out.shape] if isinstance(out, torch.Tensor) else None
         if self.expected is not None and self.expected.get(node.name) != shape:
-            raise _bad(node, f"it computes shape {shape}, the artifact recorded {self.expected.get(node.name)}")
+            raise _bad(
+                node, f"it computes shape {shape}, the artifact recorded {self.expected.get(node.name)}"
+            )
         self.shapes[node.name] = shape
 
 
-def abstract_run(gm: fx.GraphModule, inputs: list[dict], expected: dict[str, Any] | None = None) -> dict[str, Any]:
+def abstract_run(
+    gm: fx.GraphModule, inputs: list[dict], expected: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run gm on fake tensors at the recorded example input shapes.
 
     Returns {node name: output shape (list) or None}; with `expected` (the shapes recorded at save
@@ -195,7 +219,9 @@ def compare_outputs(got: Any, want: list[torch.Tensor]) -> str | None:
         return f"{len(leaves)} outputs instead of {len(want)}"
     for i, (a, b) in enumerate(zip(leaves, want)):
         if not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            return f"output {i} is {getattr(a, 'shape', type(a).__name__)} instead of {tuple(b.shape)} {b.dtype}"
+            return (
+                f"output {i} is {getattr(a, 'shape', type(a).__name__)} instead of {tuple(b.shape)} {b.dtype}"
+            )
         if not a.is_floating_point():
             if not torch.equal(a, b):
                 return f"output {i} differs"
@@ -216,9 +242,13 @@ def self_test(cm, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> No
         with torch.no_grad():
             got = cm(*[t.clone() for t in inputs])
     except Exception as exc:
-        raise ArtifactError(f"the loaded model fails on the example inputs stored with it ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}): tampered or corrupted artifact, re-save it") from None
+        raise ArtifactError(
+            f"the loaded model fails on the example inputs stored with it ({type(exc).__name__}: "
+            f"{str(exc)[:300]}): tampered or corrupted artifact, re-save it"
+        ) from None
     problem = compare_outputs(got, outputs)
     if problem is not None:
-        raise ArtifactError(f"the loaded model does not reproduce the outputs recorded at save time ({problem}): "
-                            f"tampered or corrupted artifact, re-save it")
+        raise ArtifactError(
+            f"the loaded model does not reproduce the outputs recorded at save time ({problem}): "
+            f"tampered or corrupted artifact, re-save it"
+        )

@@ -32,7 +32,9 @@ from .errors import ArtifactError
 
 FORMAT = "fxquant-artifact"
 ALIGN = 64                                   # every tensor starts at a multiple of 64 bytes in weights.bin
-ENTRIES = frozenset({"manifest.json", "weights.bin", "selftest.bin", "forward.py", "kernels", "kernels.txt", "parts"})
+ENTRIES = frozenset(
+    {"manifest.json", "weights.bin", "selftest.bin", "forward.py", "kernels", "kernels.txt", "parts"}
+)
 TENSOR_FILES = ("weights.bin", "selftest.bin")
 _SEGMENT = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+\-]{0,199}\Z")
 
@@ -58,8 +60,10 @@ def inside(root: Path, rel: str, where: str) -> Path:
         except FileNotFoundError:
             raise ArtifactError(f"{root} is missing {rel}; the artifact is incomplete") from None
         if stat.S_ISLNK(mode):
-            raise ArtifactError(f"{root}/{rel} is a symbolic link; artifacts hold regular files only "
-                                f"(a link could make fxquant read files outside the folder)")
+            raise ArtifactError(
+                f"{root}/{rel} is a symbolic link; artifacts hold regular files only "
+                f"(a link could make fxquant read files outside the folder)"
+            )
     if not stat.S_ISREG(os.lstat(path).st_mode):
         raise ArtifactError(f"{root}/{rel} is not a regular file: tampered artifact")
     if root.resolve() not in path.resolve().parents:
@@ -98,7 +102,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
     """b-bit codes -> a little-endian bit stream (8 codes fill `bits` bytes), vectorised."""
     flat = codes.detach().reshape(-1).cpu().numpy().astype(np.uint8, copy=False)
     padded = np.zeros(-(-flat.size // 8) * 8, dtype=np.uint8)
-    padded[:flat.size] = flat
+    padded[: flat.size] = flat
     if bits == 8:
         return padded.tobytes()
     if bits in (2, 4):
@@ -128,7 +132,7 @@ def unpack_codes(data: bytes | memoryview | np.ndarray, bits: int, numel: int) -
             out[:, i] = (raw >> (bits * i)) & mask
         return torch.from_numpy(out.reshape(-1)[:numel].copy())
     b = np.zeros((raw.size // bits, 8), dtype=np.uint8)
-    b[:, :bits] = raw[:raw.size // bits * bits].reshape(-1, bits)
+    b[:, :bits] = raw[: raw.size // bits * bits].reshape(-1, bits)
     word = b.view("<u8").reshape(-1)
     out = np.empty((word.size, 8), dtype=np.uint8)
     for i in range(8):
@@ -164,18 +168,21 @@ def read_blob(root: Path, rel: str, digest: str) -> torch.Tensor:
                 raise ArtifactError(f"{root}/{rel} shrank while it was read; load it again")
             got += n
     if hashlib.sha256(view).hexdigest() != digest:
-        raise ArtifactError(f"{root}/{rel} does not match its checksum in manifest.json: the file is corrupted or "
-                            f"was modified; re-save the artifact")
+        raise ArtifactError(
+            f"{root}/{rel} does not match its checksum in manifest.json: the file is corrupted or "
+            f"was modified; re-save the artifact"
+        )
     return blob
 
 
-def tensor_from_blob(blob: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple,
-                     bits: int | None) -> torch.Tensor:
+def tensor_from_blob(
+    blob: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple, bits: int | None
+) -> torch.Tensor:
     """One tensor (its own storage) from the checked bytes blob[offset:offset+nbytes]."""
     numel = 1
     for d in shape:
         numel *= d
-    raw = blob[offset:offset + nbytes]
+    raw = blob[offset : offset + nbytes]
     if bits:
         return unpack_codes(raw.numpy(), bits, numel).view(shape)
     if dtype == torch.bfloat16:
@@ -210,8 +217,10 @@ def check_destination(path: Path) -> None:
     if any(path.iterdir()) and not is_artifact_dir(path):
         extra = sorted(p.name for p in path.iterdir() if p.name not in ENTRIES)
         what = f"it holds {extra[0]!r}" if extra else "its manifest.json is not an fxquant manifest"
-        raise ArtifactError(f"{path} is a folder that is not an fxquant artifact ({what}); refusing to replace it. "
-                            f"Save to a new or empty folder")
+        raise ArtifactError(
+            f"{path} is a folder that is not an fxquant artifact ({what}); refusing to replace it. "
+            f"Save to a new or empty folder"
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -20,9 +20,26 @@ from .errors import ArtifactError
 
 FORMAT_VERSION = 2
 MANIFEST_MAX_BYTES = 256 << 20
-TOP_KEYS = ("format", "format_version", "fxquant_version", "torch_version", "kind", "pipeline", "target", "name",
-            "config", "fp32_bytes", "signature", "inputs", "decisions", "graph", "modules", "tensors", "files",
-            "selftest")
+TOP_KEYS = (
+    "format",
+    "format_version",
+    "fxquant_version",
+    "torch_version",
+    "kind",
+    "pipeline",
+    "target",
+    "name",
+    "config",
+    "fp32_bytes",
+    "signature",
+    "inputs",
+    "decisions",
+    "graph",
+    "modules",
+    "tensors",
+    "files",
+    "selftest",
+)
 
 
 def _no_constants(name: str) -> Any:
@@ -40,22 +57,31 @@ def read_manifest(directory: Path) -> dict:
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a folder; give the folder written by compiled.save(dir)")
     if not os.path.lexists(directory / "manifest.json"):
-        raise ArtifactError(f"{directory} has no manifest.json: not an fxquant artifact "
-                            f"(create one with compiled.save(dir))")
+        raise ArtifactError(
+            f"{directory} has no manifest.json: not an fxquant artifact (create one with compiled.save(dir))"
+        )
     with open_inside(directory, "manifest.json", "manifest.json") as f:
         raw = f.read(MANIFEST_MAX_BYTES + 1)
     if len(raw) > MANIFEST_MAX_BYTES:
-        raise ArtifactError(f"{directory}/manifest.json is larger than {MANIFEST_MAX_BYTES >> 20} MiB: not an "
-                            f"fxquant manifest")
+        raise ArtifactError(
+            f"{directory}/manifest.json is larger than {MANIFEST_MAX_BYTES >> 20} MiB: not an "
+            f"fxquant manifest"
+        )
     try:
-        manifest = json.loads(raw.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+        manifest = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+        )
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{directory}/manifest.json is corrupt ({str(exc)[:200]}); re-save the artifact") from None
+        raise ArtifactError(
+            f"{directory}/manifest.json is corrupt ({str(exc)[:200]}); re-save the artifact"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{directory}/manifest.json is not an fxquant artifact manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{directory} uses artifact format {str(manifest.get('format_version'))[:20]}, this "
-                            f"fxquant reads format {FORMAT_VERSION}; recompile the model with this version")
+        raise ArtifactError(
+            f"{directory} uses artifact format {str(manifest.get('format_version'))[:20]}, this "
+            f"fxquant reads format {FORMAT_VERSION}; recompile the model with this version"
+        )
     return manifest
 
 
@@ -66,7 +92,7 @@ def check_header(m: dict, directory: Path) -> None:
     S.want_dict(m, "(top level)", required=TOP_KEYS, optional=("parts",))
     S.want_enum(m["kind"], ("module",), "kind")
     S.want_text(m["pipeline"], "pipeline", 100_000)
-    S.want_enum(m["target"], S.TARGETS, "target")
+    S.want_enum(m["target"], S.target_names(), "target")
     S.dotted(m["name"], "name", allow_empty=True)
     S.json_data(m["config"], "config")
     S.want_type(m["config"], dict, "config")

@@ -5,8 +5,8 @@ Kernel sources are rendered from these attributes on load, so every value that r
 template (N, K, bits, group size, epilogue, conv geometry) is checked here first.
 
 Example:
-    >>> sorted(CLASSES)[:2]
-    ['fxquant.ops.FusedAttention', 'fxquant.ops.LowbitConv']
+    >>> sorted(c.rsplit(".", 1)[1] for c in CLASSES)[:4]
+    ['FusedAttention', 'LowbitConv', 'LowbitEmbedding', 'LowbitLinear']
 """
 from __future__ import annotations
 
@@ -16,20 +16,31 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .formats import quantized_formats
 from .artifact_schema import (MAX_DIM, decode_arg, fail, ident, want_dict, want_enum, want_float, want_int,
                               want_type)
 
-CLASSES = ("fxquant.ops.LowbitLinear", "fxquant.ops.LowbitConv", "fxquant.ops.LowbitEmbedding",
-           "fxquant.ops.FusedAttention", "fxquant.lowering.StaticLowbitLinear", "fxquant.lowering.StaticLowbitConv")
+CLASSES = (
+    "fxquant.ops.LowbitLinear",
+    "fxquant.ops.LowbitConv",
+    "fxquant.ops.LowbitEmbedding",
+    "fxquant.ops.FusedAttention",
+    "fxquant.lowering.StaticLowbitLinear",
+    "fxquant.lowering.StaticLowbitConv",
+)
 
 
 def _classes() -> dict[str, type]:
     from . import lowering, ops
 
-    return {"fxquant.ops.LowbitLinear": ops.LowbitLinear, "fxquant.ops.LowbitConv": ops.LowbitConv,
-            "fxquant.ops.LowbitEmbedding": ops.LowbitEmbedding, "fxquant.ops.FusedAttention": ops.FusedAttention,
-            "fxquant.lowering.StaticLowbitLinear": lowering.StaticLowbitLinear,
-            "fxquant.lowering.StaticLowbitConv": lowering.StaticLowbitConv}
+    return {
+        "fxquant.ops.LowbitLinear": ops.LowbitLinear,
+        "fxquant.ops.LowbitConv": ops.LowbitConv,
+        "fxquant.ops.LowbitEmbedding": ops.LowbitEmbedding,
+        "fxquant.ops.FusedAttention": ops.FusedAttention,
+        "fxquant.lowering.StaticLowbitLinear": lowering.StaticLowbitLinear,
+        "fxquant.lowering.StaticLowbitConv": lowering.StaticLowbitConv,
+    }
 
 
 def class_name(module: nn.Module) -> str:
@@ -46,13 +57,17 @@ def _ints(lo: int = 0, hi: int = 1 << 16) -> Callable:
         if not 1 <= len(v) <= 4:
             raise fail(w, f"expected 1 to 4 integers, got {len(v)}")
         return type(v)(want_int(x, f"{w}[{i}]", lo, hi) for i, x in enumerate(v))
+
     return check
 
 
 _BITS = lambda v, w: want_int(v, w, 2, 8)  # noqa: E731
-_QW_ATTRS = {"bits": _BITS, "group_size": lambda v, w: want_int(v, w, 1, MAX_DIM),
-             "scheme": lambda v, w: want_enum(v, ("uniform", "codebook"), w),
-             "granularity": lambda v, w: want_enum(v, ("tensor", "channel", "group"), w)}
+_QW_ATTRS = {
+    "bits": _BITS,
+    "group_size": lambda v, w: want_int(v, w, 1, MAX_DIM),
+    "scheme": lambda v, w: want_enum(v, quantized_formats(), w),
+    "granularity": lambda v, w: want_enum(v, ("tensor", "channel", "group"), w),
+}
 
 
 def _epilogue(v, w):
@@ -61,35 +76,76 @@ def _epilogue(v, w):
     return None if v is None else want_enum(v, tuple(EPILOGUES), w)
 
 
-_LOWBIT_ATTRS = {**_QW_ATTRS, "act_bits": _optional(lambda v, w: want_enum(v, (8,), w)), "epilogue": _epilogue}
-_LINEAR_ATTRS = {**_LOWBIT_ATTRS, "ln_eps": _optional(lambda v, w: want_float(v, w, 1e-30, 1.0)),
-                 "residual": lambda v, w: want_type(v, bool, w)}
-_CONV_ATTRS = {**_LOWBIT_ATTRS, "weight_shape": _ints(lo=1, hi=MAX_DIM - 1), "dims": lambda v, w: want_int(v, w, 1, 2),
-               "stride": _ints(lo=1), "padding": _ints(lo=0), "dilation": _ints(lo=1),
-               "groups": lambda v, w: want_int(v, w, 1, MAX_DIM)}
+_LOWBIT_ATTRS = {
+    **_QW_ATTRS,
+    "act_bits": _optional(lambda v, w: want_enum(v, (8,), w)),
+    "epilogue": _epilogue,
+}
+_LINEAR_ATTRS = {
+    **_LOWBIT_ATTRS,
+    "ln_eps": _optional(lambda v, w: want_float(v, w, 1e-30, 1.0)),
+    "residual": lambda v, w: want_type(v, bool, w),
+}
+_CONV_ATTRS = {
+    **_LOWBIT_ATTRS,
+    "weight_shape": _ints(lo=1, hi=MAX_DIM - 1),
+    "dims": lambda v, w: want_int(v, w, 1, 2),
+    "stride": _ints(lo=1),
+    "padding": _ints(lo=0),
+    "dilation": _ints(lo=1),
+    "groups": lambda v, w: want_int(v, w, 1, MAX_DIM),
+}
 _STATIC = {"act_mode": lambda v, w: want_enum(v, ("static",), w)}
 _QW_BUFFERS = ("codes", "table", "table_index", "scales")
 
 # class -> (attribute checks, required attributes, required buffers, optional buffers)
 SPECS: dict[str, tuple[dict, tuple, tuple, tuple]] = {
-    "fxquant.ops.LowbitLinear": (_LINEAR_ATTRS, tuple(_LOWBIT_ATTRS), _QW_BUFFERS, ("bias", "ln_weight", "ln_bias")),
-    "fxquant.lowering.StaticLowbitLinear": ({**_LINEAR_ATTRS, **_STATIC}, (*_LOWBIT_ATTRS, "act_mode"),
-                                                (*_QW_BUFFERS, "act_scale"), ("bias", "ln_weight", "ln_bias")),
+    "fxquant.ops.LowbitLinear": (
+        _LINEAR_ATTRS,
+        tuple(_LOWBIT_ATTRS),
+        _QW_BUFFERS,
+        ("bias", "ln_weight", "ln_bias"),
+    ),
+    "fxquant.lowering.StaticLowbitLinear": (
+        {**_LINEAR_ATTRS, **_STATIC},
+        (*_LOWBIT_ATTRS, "act_mode"),
+        (*_QW_BUFFERS, "act_scale"),
+        ("bias", "ln_weight", "ln_bias"),
+    ),
     "fxquant.ops.LowbitConv": (_CONV_ATTRS, tuple(_CONV_ATTRS), _QW_BUFFERS, ("bias",)),
-    "fxquant.lowering.StaticLowbitConv": ({**_CONV_ATTRS, **_STATIC}, (*_CONV_ATTRS, "act_mode"),
-                                              (*_QW_BUFFERS, "act_scale"), ("bias",)),
-    "fxquant.ops.LowbitEmbedding": ({**_QW_ATTRS, "padding_idx": _optional(lambda v, w: want_int(v, w))},
-                                    (*_QW_ATTRS, "padding_idx"), _QW_BUFFERS, ()),
-    "fxquant.ops.FusedAttention": ({"head_dim": lambda v, w: want_int(v, w, 1, 1 << 16),
-                                    "scale": _optional(lambda v, w: want_float(v, w)),
-                                    "max_query_rows": lambda v, w: want_int(v, w, 0, 1 << 20),
-                                    "kv_int8": lambda v, w: want_type(v, bool, w)},
-                                   ("head_dim", "scale", "max_query_rows", "kv_int8"), (), ()),
+    "fxquant.lowering.StaticLowbitConv": (
+        {**_CONV_ATTRS, **_STATIC},
+        (*_CONV_ATTRS, "act_mode"),
+        (*_QW_BUFFERS, "act_scale"),
+        ("bias",),
+    ),
+    "fxquant.ops.LowbitEmbedding": (
+        {**_QW_ATTRS, "padding_idx": _optional(lambda v, w: want_int(v, w))},
+        (*_QW_ATTRS, "padding_idx"),
+        _QW_BUFFERS,
+        (),
+    ),
+    "fxquant.ops.FusedAttention": (
+        {
+            "head_dim": lambda v, w: want_int(v, w, 1, 1 << 16),
+            "scale": _optional(lambda v, w: want_float(v, w)),
+            "max_query_rows": lambda v, w: want_int(v, w, 0, 1 << 20),
+            "kv_int8": lambda v, w: want_type(v, bool, w),
+        },
+        ("head_dim", "scale", "max_query_rows", "kv_int8"),
+        (),
+        (),
+    ),
 }
 
 # codegen's never_slower choice (codegen/never_slower.py): optional on every op that can carry a kernel
-for _cls in ("fxquant.ops.LowbitLinear", "fxquant.lowering.StaticLowbitLinear", "fxquant.ops.LowbitConv",
-             "fxquant.lowering.StaticLowbitConv", "fxquant.ops.FusedAttention"):
+for _cls in (
+    "fxquant.ops.LowbitLinear",
+    "fxquant.lowering.StaticLowbitLinear",
+    "fxquant.ops.LowbitConv",
+    "fxquant.lowering.StaticLowbitConv",
+    "fxquant.ops.FusedAttention",
+):
     SPECS[_cls][0]["kernel_choice"] = lambda v, w: want_enum(v, ("torch",), w)
 
 
@@ -99,6 +155,7 @@ def module_attrs(cls_path: str, attrs: Any, where: str) -> dict[str, Any]:
     want_dict(attrs, where, required=required, optional=tuple(checks))
     out = {}
     for key, raw in attrs.items():
+
         def no_nodes(name: str, key=key):
             raise fail(f"{where}.{key}", "an attribute cannot refer to a graph node")
 
@@ -122,12 +179,16 @@ def _tensor(t: torch.Tensor | None, where: str, dtype: torch.dtype, shape: tuple
     if t is None:
         raise fail(where, "is missing")
     if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
-        raise fail(where, f"needs a {str(dtype).replace('torch.', '')} tensor of shape {shape}, got "
-                          f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}")
+        raise fail(
+            where,
+            f"needs a {str(dtype).replace('torch.', '')} tensor of shape {shape}, got "
+            f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}",
+        )
 
 
-def check_consistency(cls_path: str, attrs: dict, bufs: dict[str, torch.Tensor | None], where: str,
-                      code_bits: int | None = None) -> None:
+def check_consistency(
+    cls_path: str, attrs: dict, bufs: dict[str, torch.Tensor | None], where: str, code_bits: int | None = None
+) -> None:
     """Buffers agree with the attributes: shapes, dtypes, code and table-index ranges, conv geometry.
 
     code_bits: the width the codes were bit-packed with in weights.bin (unpacking cannot produce a
@@ -143,7 +204,9 @@ def check_consistency(cls_path: str, attrs: dict, bufs: dict[str, torch.Tensor |
     _tensor(bufs["table"], f"{where}.table", torch.int8, None)
     table = bufs["table"]
     if table.dim() != 2 or table.shape[1] != 1 << bits or not 1 <= table.shape[0] <= n * g:
-        raise fail(f"{where}.table", f"needs shape [T, {1 << bits}] with 1 <= T <= {n * g}, got {tuple(table.shape)}")
+        raise fail(
+            f"{where}.table", f"needs shape [T, {1 << bits}] with 1 <= T <= {n * g}, got {tuple(table.shape)}"
+        )
     _tensor(bufs["scales"], f"{where}.scales", torch.float32, (n, g))
     _tensor(bufs["table_index"], f"{where}.table_index", torch.int32, (n, g))
     tidx = bufs["table_index"]
@@ -205,8 +268,11 @@ def op_tensors(module: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def plain_attrs(module: nn.Module) -> dict[str, Any]:
     """The module's own attributes to store (skipping runtime state such as the attached kernel)."""
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in ("training", "kernel",
-                                                                                          "backend")}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k not in ("training", "kernel", "backend")
+    }
 
 
 def check_name(name: Any, where: str) -> str:

@@ -57,11 +57,16 @@ def _meta(node: fx.Node) -> dict[str, Any]:
              if not isinstance(v, str) else v for k, v in (m.get(ir.QUANT_STATS) or {}).items()
              if isinstance(v, (int, float, str, type(None))) and not isinstance(v, bool)}
     shape = m.get(ir.SHAPE)
-    return {"module": m.get(ir.MODULE, ""), "module_type": m.get(ir.MODULE_TYPE, ""), "source": m.get(ir.SOURCE, ""),
-            "provenance": list(m.get(ir.PROVENANCE, ())),
-            "shape": list(shape) if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) else None,
-            "dtype": m.get(ir.DTYPE) if isinstance(m.get(ir.DTYPE), str) else None,
-            "decision": dataclasses.asdict(d) if d is not None else None, "quant_stats": stats}
+    return {
+        "module": m.get(ir.MODULE, ""),
+        "module_type": m.get(ir.MODULE_TYPE, ""),
+        "source": m.get(ir.SOURCE, ""),
+        "provenance": list(m.get(ir.PROVENANCE, ())),
+        "shape": list(shape) if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) else None,
+        "dtype": m.get(ir.DTYPE) if isinstance(m.get(ir.DTYPE), str) else None,
+        "decision": dataclasses.asdict(d) if d is not None else None,
+        "quant_stats": stats,
+    }
 
 
 def _json_data(value: Any) -> Any:
@@ -86,26 +91,41 @@ def _graph_entries(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tupl
                 continue  # torch.export's shape guards: generated code, replaced by the inputs' spec
             mod = gm.get_submodule(node.target)
             if not isinstance(mod, LoweredOp) or class_name(mod) not in CLASSES:
-                raise ArtifactError(f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
-                                    f"fxquant's lowered ops")
+                raise ArtifactError(
+                    f"node {node.name!r} calls module {type(mod).__name__}; artifacts store only "
+                    f"fxquant's lowered ops"
+                )
             buffers = {}
             for bname, buf in op_tensors(mod).items():  # buffers and the codes (unpacked)
                 buffers[bname] = None if buf is None else f"{node.target}.{bname}"
                 if buf is not None:
                     tensors[f"{node.target}.{bname}"] = buf
-            modules[node.target] = {"class": class_name(mod), "buffers": buffers,
-                                    "attrs": {k: _encode(v, f"{node.target}.{k}") for k, v in plain_attrs(mod).items()}}
+            modules[node.target] = {
+                "class": class_name(mod),
+                "buffers": buffers,
+                "attrs": {k: _encode(v, f"{node.target}.{k}") for k, v in plain_attrs(mod).items()},
+            }
         elif node.op == "get_attr":
             tensors[node.target] = ir.get_attr_value(gm, node.target)
         elif node.op == "call_function":
             target = target_name(node.target)
             if target is None:
-                raise ArtifactError(f"node {node.name!r} calls {node.target}, which artifacts cannot store (only ATen "
-                                    f"tensor ops of fxquant.artifact_ops.ATEN_OPS, operator functions and fxquant "
-                                    f"ops); keep such code outside the compiled graph")
+                raise ArtifactError(
+                    f"node {node.name!r} calls {node.target}, which artifacts cannot store (only ATen "
+                    f"tensor ops of fxquant.artifact_ops.ATEN_OPS, operator functions and fxquant "
+                    f"ops); keep such code outside the compiled graph"
+                )
         where = f"node {node.name!r}"
-        entries.append({"name": node.name, "op": node.op, "target": target, "args": _encode(node.args, where),
-                        "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()}, "meta": _meta(node)})
+        entries.append(
+            {
+                "name": node.name,
+                "op": node.op,
+                "target": target,
+                "args": _encode(node.args, where),
+                "kwargs": {k: _encode(v, where) for k, v in node.kwargs.items()},
+                "meta": _meta(node),
+            }
+        )
     return entries, modules
 
 
@@ -113,9 +133,11 @@ def _codegen_info(gm: fx.GraphModule) -> dict | None:
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is None:
         return None
-    return {"orig_args": list(info.orig_args),
-            "in_spec": pytree.treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-            "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    return {
+        "orig_args": list(info.orig_args),
+        "in_spec": pytree.treespec_dumps(info.in_spec) if info.in_spec is not None else None,
+        "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None,
+    }
 
 
 def _inputs(cm, spec: InputSpec) -> list[dict]:
@@ -128,8 +150,10 @@ def _inputs(cm, spec: InputSpec) -> list[dict]:
         ex = examples[i] if i < len(examples) and isinstance(examples[i], torch.Tensor) else None
         shape = tuple(ex.shape) if ex is not None else node.meta.get(ir.SHAPE)
         if shape is None:
-            raise ArtifactError(f"input {item['name']!r} has no recorded example shape; compile with the default "
-                                f"pipeline (propagate-shapes) before saving")
+            raise ArtifactError(
+                f"input {item['name']!r} has no recorded example shape; compile with the default "
+                f"pipeline (propagate-shapes) before saving"
+            )
         item["example"] = list(shape)
     return items
 
@@ -142,12 +166,18 @@ def _selftest(cm, spec: InputSpec, tensors: dict[str, torch.Tensor]) -> dict | N
     if sum(a.numel() * a.element_size() for a in examples) > SELFTEST_MAX_BYTES // 2:
         return None
     with torch.no_grad():
-        outputs = pytree.tree_leaves(cm(*[a.clone() for a in examples]))  # clones: a graph may write its inputs
-    if not all(isinstance(t, torch.Tensor) for t in outputs) or \
-            sum(t.numel() * t.element_size() for t in outputs) > SELFTEST_MAX_BYTES // 2:
+        outputs = pytree.tree_leaves(
+            cm(*[a.clone() for a in examples])
+        )  # clones: a graph may write its inputs
+    if (
+        not all(isinstance(t, torch.Tensor) for t in outputs)
+        or sum(t.numel() * t.element_size() for t in outputs) > SELFTEST_MAX_BYTES // 2
+    ):
         return None
-    names = {"inputs": [f"selftest.input{i}" for i in range(len(examples))],
-             "outputs": [f"selftest.output{i}" for i in range(len(outputs))]}
+    names = {
+        "inputs": [f"selftest.input{i}" for i in range(len(examples))],
+        "outputs": [f"selftest.output{i}" for i in range(len(outputs))],
+    }
     tensors.update(zip(names["inputs"], examples))
     tensors.update(zip(names["outputs"], (t.detach() for t in outputs)))
     return names
@@ -159,15 +189,27 @@ def _write_tensors(tmp: Path, file: str, tensors: dict[str, torch.Tensor], code_
     extra = {} if file == "weights.bin" else {"file": file}
     with open(tmp / file, "wb") as blob:
         for name, t in tensors.items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, tuple(t.stride()))
+            key = (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.dtype,
+                tuple(t.stride()),
+            )
             if key in seen:  # shared by two modules (tied embedding + projection): stored once
                 table[name] = {"alias": seen[key]}
                 continue
             seen[key] = name
             bits = code_bits.get(name)
             start, nbytes = write_tensor(blob, offset, t, bits)
-            table[name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "offset": start,
-                           "nbytes": nbytes, **({"bits": bits} if bits else {}), **extra}
+            table[name] = {
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "shape": list(t.shape),
+                "offset": start,
+                "nbytes": nbytes,
+                **({"bits": bits} if bits else {}),
+                **extra,
+            }
             offset = start + nbytes
     return table
 
@@ -193,37 +235,59 @@ def save(cm, directory: str | os.PathLike) -> Path:
     entries, modules = _graph_entries(gm, tensors)
     spec = getattr(cm, "input_spec", None) or InputSpec.from_graph(gm)
     inputs = _inputs(cm, spec)
-    shapes = abstract_run(gm, [dict(it, dtype=S.DTYPES.get(it.get("dtype")), example=tuple(it.get("example", ())))
-                               for it in inputs])
+    shapes = abstract_run(
+        gm,
+        [
+            dict(it, dtype=S.DTYPES.get(it.get("dtype")), example=tuple(it.get("example", ())))
+            for it in inputs
+        ],
+    )
     for entry in entries:
         entry["out_shape"] = shapes.get(entry["name"])
     checks: dict[str, torch.Tensor] = {}
     selftest = _selftest(cm, spec, checks)
-    code_bits = {f"{name}.codes": int(m["attrs"]["bits"]) for name, m in modules.items() if "bits" in m["attrs"]}
+    code_bits = {
+        f"{name}.codes": int(m["attrs"]["bits"]) for name, m in modules.items() if "bits" in m["attrs"]
+    }
     with staged_dir(directory) as tmp:
         table = _write_tensors(tmp, "weights.bin", tensors, code_bits)
         if checks:  # beside the weights, so weights.bin holds exactly the model
             table.update(_write_tensors(tmp, "selftest.bin", checks, {}))
         (tmp / "forward.py").write_text(gm.code)
         _kernel_sources(gm, tmp)
-        files = {p.relative_to(tmp).as_posix(): sha256_file(tmp, p.relative_to(tmp).as_posix())
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(tmp).as_posix(): sha256_file(tmp, p.relative_to(tmp).as_posix())
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
         sig = getattr(cm, "_signature", None)
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "fxquant_version": __version__,
-            "torch_version": torch.__version__, "kind": "module", "pipeline": cm.pipeline,
-            "target": cm.config.get("target", "native"), "name": cm.name,
-            "config": _json_data(cm.config), "fp32_bytes": int(cm.fp32_bytes),
-            "signature": list(sig.parameters) if sig is not None else None, "inputs": inputs,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fxquant_version": __version__,
+            "torch_version": torch.__version__,
+            "kind": "module",
+            "pipeline": cm.pipeline,
+            "target": cm.config.get("target", "native"),
+            "name": cm.name,
+            "config": _json_data(cm.config),
+            "fp32_bytes": int(cm.fp32_bytes),
+            "signature": list(sig.parameters) if sig is not None else None,
+            "inputs": inputs,
             "decisions": _json_data(cm.report_rows()),
-            "graph": {"nodes": entries, "codegen": _codegen_info(gm)}, "modules": modules, "tensors": table,
-            "files": files, "selftest": selftest,
+            "graph": {"nodes": entries, "codegen": _codegen_info(gm)},
+            "modules": modules,
+            "tensors": table,
+            "files": files,
+            "selftest": selftest,
         }
         try:
             check_header(manifest, directory)
             check_graph_data(manifest)
         except ArtifactError as exc:
-            raise ArtifactError(f"cannot save this module: {exc} (fxquant.load would refuse the artifact; "
-                                f"please report this as a bug)") from None
+            raise ArtifactError(
+                f"cannot save this module: {exc} (fxquant.load would refuse the artifact; "
+                f"please report this as a bug)"
+            ) from None
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
     return directory

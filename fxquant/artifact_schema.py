@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ArtifactError
+from .formats import FORMATS
 
 MAX_INT = 1 << 62                   # any int in the manifest
 MAX_DIM = 1 << 31                   # one tensor dimension
@@ -43,7 +44,13 @@ DTYPES: dict[str, torch.dtype] = {str(d).replace("torch.", ""): d for d in (
 TORCH_ENUMS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
                "preserve_format": torch.preserve_format, "strided": torch.strided}
 DEVICES = ("cpu",)
-TARGETS = ("native", "avx512", "avx2", "portable", "reference")
+
+
+def target_names() -> tuple[str, ...]:
+    """The valid target names (the rows of fxquant.codegen.targets.TARGETS plus "native" and "reference")."""
+    from .codegen.targets import target_names as names
+
+    return names()
 
 
 def fail(where: str, what: str) -> ArtifactError:
@@ -101,8 +108,11 @@ def ident(value: Any, where: str) -> str:
     """A Python identifier that fx may paste into generated code (no dunder names, no keywords)."""
     if not (isinstance(value, str) and _IDENT.match(value) and not value.startswith("__")
             and not keyword.iskeyword(value)):
-        raise fail(where, f"{_show(value)} is not a valid identifier (letters, digits and _ only, not starting "
-                          f"with a digit or __)").with_traceback(None)
+        raise fail(
+            where,
+            f"{_show(value)} is not a valid identifier (letters, digits and _ only, not starting "
+            f"with a digit or __)",
+        ).with_traceback(None)
     return value
 
 
@@ -119,8 +129,9 @@ def dotted(value: Any, where: str, allow_empty: bool = False) -> str:
         return value
     want_type(value, str, where)
     parts = value.split(".")
-    if len(value) > 1000 or not all(_SEGMENT.match(p) and not p.startswith("__") and not keyword.iskeyword(p)
-                                    for p in parts):
+    if len(value) > 1000 or not all(
+        _SEGMENT.match(p) and not p.startswith("__") and not keyword.iskeyword(p) for p in parts
+    ):
         raise fail(where, f"{_show(value)} is not a dotted name of identifiers")
     return value
 
@@ -139,8 +150,9 @@ def sha256_hex(value: Any, where: str) -> str:
     return value
 
 
-def want_dict(value: Any, where: str, required: tuple = (), optional: tuple = (),
-              free_keys: bool = False) -> dict:
+def want_dict(
+    value: Any, where: str, required: tuple = (), optional: tuple = (), free_keys: bool = False
+) -> dict:
     """A dict with the `required` keys, optionally the `optional` ones, and no others (unless free_keys)."""
     want_type(value, dict, where)
     missing = [k for k in required if k not in value]
@@ -164,7 +176,9 @@ def want_list(value: Any, where: str, limit: int = MAX_ITEMS) -> list:
 
 def shape(value: Any, where: str, max_rank: int = 8) -> tuple[int, ...]:
     """A tensor shape: a list of at most `max_rank` dims in [0, 2^31) whose product is bounded."""
-    dims = tuple(want_int(d, f"{where}[{i}]", 0, MAX_DIM - 1) for i, d in enumerate(want_list(value, where, max_rank)))
+    dims = tuple(
+        want_int(d, f"{where}[{i}]", 0, MAX_DIM - 1) for i, d in enumerate(want_list(value, where, max_rank))
+    )
     if math.prod(dims) > MAX_NUMEL:
         raise fail(where, f"{list(dims)} has more than 2^34 elements")
     return dims
@@ -176,7 +190,7 @@ def dtype(value: Any, where: str) -> torch.dtype:
 
 # -------------------------------------------------------------------------------- plain JSON data
 def json_data(value: Any, where: str, depth: int = 0) -> Any:
-    """Display-only data (config, rules): scalars, bounded strings, lists and dicts of identifiers-like keys."""
+    """Display data (config, rules): scalars, bounded strings, lists and dicts of identifier-like keys."""
     if depth > MAX_DEPTH:
         raise fail(where, "is nested too deeply")
     if value is None or isinstance(value, (bool, int)):
@@ -186,7 +200,9 @@ def json_data(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, str):
         return want_text(value, where, 10_000)
     if isinstance(value, list):
-        return [json_data(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(want_list(value, where, 10_000))]
+        return [
+            json_data(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(want_list(value, where, 10_000))
+        ]
     if isinstance(value, dict):
         for k in want_dict(value, where, free_keys=True):
             want_text(k, f"{where} key", 1000)
@@ -208,16 +224,20 @@ def decode_arg(value: Any, where: str, lookup: Callable[[str], Any], depth: int 
     if isinstance(value, str):
         return want_text(value, where, 1000)
     if isinstance(value, list):
-        return [decode_arg(v, f"{where}[{i}]", lookup, depth + 1) for i, v in enumerate(want_list(value, where))]
+        return [
+            decode_arg(v, f"{where}[{i}]", lookup, depth + 1) for i, v in enumerate(want_list(value, where))
+        ]
     want_type(value, dict, where)
     if len(value) != 1:
         raise fail(where, f"an encoded value has exactly one key, got {_show(sorted(value))}")
-    (kind, inner), = value.items()
+    ((kind, inner),) = value.items()
     if kind == "node":
         return lookup(ident(inner, f"{where}.node"))
     if kind == "tuple":
-        return tuple(decode_arg(v, f"{where}.tuple[{i}]", lookup, depth + 1)
-                     for i, v in enumerate(want_list(inner, where)))
+        return tuple(
+            decode_arg(v, f"{where}.tuple[{i}]", lookup, depth + 1)
+            for i, v in enumerate(want_list(inner, where))
+        )
     if kind == "float":
         return float(want_enum(inner, ("nan", "inf", "-inf"), f"{where}.float"))
     if kind == "dtype":
@@ -229,8 +249,17 @@ def decode_arg(value: Any, where: str, lookup: Callable[[str], Any], depth: int 
     raise fail(where, f"unknown encoded value kind {_show(kind)}")
 
 
-DECISION_FIELDS = ("weight_bits", "scheme", "granularity", "group_size", "symmetric", "act_bits", "act_mode",
-                   "rounding", "decided_by")
+DECISION_FIELDS = (
+    "weight_bits",
+    "scheme",
+    "granularity",
+    "group_size",
+    "symmetric",
+    "act_bits",
+    "act_mode",
+    "rounding",
+    "decided_by",
+)
 
 
 def decision(value: Any, where: str) -> dict | None:
@@ -240,7 +269,7 @@ def decision(value: Any, where: str) -> dict | None:
     d = want_dict(value, where, required=DECISION_FIELDS)
     if d["weight_bits"] is not None:
         want_int(d["weight_bits"], f"{where}.weight_bits", 1, 32)
-    want_enum(d["scheme"], ("uniform", "codebook", "float"), f"{where}.scheme")
+    want_enum(d["scheme"], tuple(FORMATS), f"{where}.scheme")
     want_enum(d["granularity"], ("tensor", "channel", "group"), f"{where}.granularity")
     if d["group_size"] is not None:
         want_int(d["group_size"], f"{where}.group_size", 1, MAX_DIM)
@@ -259,34 +288,49 @@ META_KEYS = ("module", "module_type", "source", "provenance", "shape", "dtype", 
 def node_meta(value: Any, where: str) -> dict:
     """The IR meta of one node (see fxquant.ir), validated field by field."""
     m = want_dict(value, where, required=META_KEYS)
-    out = {"module": dotted(m["module"], f"{where}.module", allow_empty=True),
-           "module_type": "" if m["module_type"] == "" else ident(m["module_type"], f"{where}.module_type"),
-           "source": source_line(m["source"], f"{where}.source"),
-           "provenance": tuple(want_text(p, f"{where}.provenance[{i}]", 1000)
-                               for i, p in enumerate(want_list(m["provenance"], f"{where}.provenance", 256))),
-           "shape": None if m["shape"] is None else shape(m["shape"], f"{where}.shape", 16),
-           "dtype": None if m["dtype"] is None else ident(m["dtype"], f"{where}.dtype"),
-           "decision": decision(m["decision"], f"{where}.decision"), "quant_stats": {}}
+    out = {
+        "module": dotted(m["module"], f"{where}.module", allow_empty=True),
+        "module_type": "" if m["module_type"] == "" else ident(m["module_type"], f"{where}.module_type"),
+        "source": source_line(m["source"], f"{where}.source"),
+        "provenance": tuple(
+            want_text(p, f"{where}.provenance[{i}]", 1000)
+            for i, p in enumerate(want_list(m["provenance"], f"{where}.provenance", 256))
+        ),
+        "shape": None if m["shape"] is None else shape(m["shape"], f"{where}.shape", 16),
+        "dtype": None if m["dtype"] is None else ident(m["dtype"], f"{where}.dtype"),
+        "decision": decision(m["decision"], f"{where}.decision"),
+        "quant_stats": {},
+    }
     for k, v in want_dict(m["quant_stats"], f"{where}.quant_stats", free_keys=True).items():
         ident(k, f"{where}.quant_stats key")
-        out["quant_stats"][k] = v if v is None else want_float(v, f"{where}.quant_stats.{k}") \
-            if not isinstance(v, str) else want_text(v, f"{where}.quant_stats.{k}", 200)
+        out["quant_stats"][k] = (
+            v
+            if v is None
+            else want_float(v, f"{where}.quant_stats.{k}")
+            if not isinstance(v, str)
+            else want_text(v, f"{where}.quant_stats.{k}", 200)
+        )
     return out
 
 
 # ------------------------------------------------------------------------------- call-time inputs
 def input_specs(value: Any, where: str) -> list[dict]:
-    """[{"name", "kind": "tensor", "dtype", "shape": [int | None]} | {"name", "kind": "none"}] per placeholder."""
+    """Per input: {"name", "kind": "tensor", "dtype", "shape": [int | None]} or {"name", "kind": "none"}."""
     out = []
     for i, spec in enumerate(want_list(value, where, 4096)):
         w = f"{where}[{i}]"
-        kind = want_enum(want_dict(spec, w, required=("name", "kind"), optional=("dtype", "shape", "example"))["kind"],
-                         ("tensor", "none", "int", "float", "bool", "any"), f"{w}.kind")
+        kind = want_enum(
+            want_dict(spec, w, required=("name", "kind"), optional=("dtype", "shape", "example"))["kind"],
+            ("tensor", "none", "int", "float", "bool", "any"),
+            f"{w}.kind",
+        )
         item = {"name": ident(spec["name"], f"{w}.name"), "kind": kind}
         if kind == "tensor":
             item["dtype"] = dtype(spec.get("dtype"), f"{w}.dtype")
             dims = want_list(spec.get("shape"), f"{w}.shape", 16)
-            item["shape"] = tuple(None if d is None else want_int(d, f"{w}.shape[{j}]", 0, MAX_DIM - 1)
-                                  for j, d in enumerate(dims))
+            item["shape"] = tuple(
+                None if d is None else want_int(d, f"{w}.shape[{j}]", 0, MAX_DIM - 1)
+                for j, d in enumerate(dims)
+            )
         out.append(item)
     return out

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from .errors import FxQuantError
+from .formats import scheme_options
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, choices=(8, 4, 3, 2), help="one weight bit width for every node")
     g.add_argument("--avg-bits", type=float, help="mixed precision: average weight bits budget")
     g.add_argument("--budget-bytes", type=int, help="mixed precision: total weight bytes budget")
-    p.add_argument("--scheme", default="auto", choices=("uniform", "codebook", "auto"))
+    p.add_argument("--scheme", default="auto", choices=scheme_options())
     p.add_argument("--target", default="native", help="native | avx512 | avx2 | portable | reference")
 
 
@@ -77,9 +78,15 @@ def cmd_bench(args) -> int:
         return 1e3 * statistics.median(times)
 
     fp32_ms, ours_ms = median_ms(model), median_ms(cm)
-    rows = [["fp32 (torch)", f"{fp32_ms:.3f}", "1.00x", f"{tensor_bytes(model) / 1024:.1f}"],
-            [f"fxquant ({cm.summary()['avg_weight_bits']:.2f} bits)", f"{ours_ms:.3f}", f"{fp32_ms / ours_ms:.2f}x",
-             f"{cm.summary()['model_bytes'] / 1024:.1f}"]]
+    rows = [
+        ["fp32 (torch)", f"{fp32_ms:.3f}", "1.00x", f"{tensor_bytes(model) / 1024:.1f}"],
+        [
+            f"fxquant ({cm.summary()['avg_weight_bits']:.2f} bits)",
+            f"{ours_ms:.3f}",
+            f"{fp32_ms / ours_ms:.2f}x",
+            f"{cm.summary()['model_bytes'] / 1024:.1f}",
+        ],
+    ]
     shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
     print(f"{args.model} on {shapes}, {torch.get_num_threads()} threads, median of {args.reps} calls")
     print(tabulate(rows, headers=["variant", "median ms", "speed-up", "KiB"], tablefmt="simple"))
@@ -96,8 +103,9 @@ def cmd_dump(args) -> int:
     pipeline = Pipeline.coerce(args.passes or fxquant.default_pipeline("reference"))
     names = pipeline.names()
     if args.after not in names:
-        raise fxquant.PipelineError(f"--after {args.after!r} is not in the pipeline; its passes are: "
-                                    f"{', '.join(names)}")
+        raise fxquant.PipelineError(
+            f"--after {args.after!r} is not in the pipeline; its passes are: {', '.join(names)}"
+        )
     steps = pipeline.steps[: names.index(args.after) + 1]
     cm = fxquant.compile_lowbit(model, inputs, passes=Pipeline(steps), dump_dir=args.dump_dir)
     print(table_text(cm.graph_module, include_get_attr=args.all))
@@ -120,8 +128,10 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_digits, evaluate_keywords, render
 
     if shared_dir() is None:
-        raise ConfigError("fxquant eval needs ../shared (FSDD recordings) beside the repository, or "
-                          "FXQUANT_SHARED pointing at it")
+        raise ConfigError(
+            "fxquant eval needs ../shared (FSDD recordings) beside the repository, or "
+            "FXQUANT_SHARED pointing at it"
+        )
     if is_whisper(args.model):
         return cmd_eval_whisper(args)
     variants = (args.variants or "fp32,torch-int8,W8A8,W4,mixed-4.0,mixed-3.0").split(",")
@@ -159,7 +169,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxquant", description="Low-bit compiler for speech models on CPUs.")
+    parser = argparse.ArgumentParser(
+        prog="fxquant", description="Low-bit compiler for speech models on CPUs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compile", help="compile a model and print its per-node report")
     _add_model_args(p)
@@ -182,30 +194,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_dump)
     p = sub.add_parser("passes", help="list registered passes (built-in and plugins)")
     p.set_defaults(fn=cmd_passes)
-    p = sub.add_parser("eval", help="word error rate / keyword accuracy of fp32, torch int8 and fxquant variants")
+    p = sub.add_parser(
+        "eval", help="word error rate / keyword accuracy of fp32, torch int8 and fxquant variants"
+    )
     p.add_argument("model", help="whisper-tiny.en, whisper-base (or a checkpoint folder), digits, bcresnet")
     p.add_argument("--n", type=int, default=300, help="digit strings to evaluate (digits)")
     p.add_argument("--limit", type=int, help="Whisper: score only the first N LJ Speech utterances")
     p.add_argument("--fsdd", type=int, default=60, help="Whisper: FSDD digit sentences to score (0: none)")
     p.add_argument("--split", default="all", choices=("all", "test", "train"), help="FSDD clips (bcresnet)")
-    p.add_argument("--variants", help="comma-separated variants (Whisper: openai-fp32, fp32, torch-int8, ct2-int8, "
-                                      "bits8, bits4, avg4, avg3; digits/bcresnet: fp32, torch-int8, W8A8, W4, "
-                                      "mixed-4.0, ...)")
+    p.add_argument(
+        "--variants",
+        help="comma-separated variants (Whisper: openai-fp32, fp32, torch-int8, ct2-int8, "
+        "bits8, bits4, avg4, avg3; digits/bcresnet: fp32, torch-int8, W8A8, W4, "
+        "mixed-4.0, ...)",
+    )
     p.add_argument("--target", default="native")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("transcribe", help="transcribe audio files with Whisper (or the digit recognizer)")
     p.add_argument("audio", nargs="+", help="audio files: WAV, FLAC, OGG; any sample rate; mono or stereo")
-    p.add_argument("--model", default="whisper-tiny.en",
-                   help="whisper-tiny.en (default), whisper-base, a checkpoint folder, or 'digits'")
+    p.add_argument(
+        "--model",
+        default="whisper-tiny.en",
+        help="whisper-tiny.en (default), whisper-base, a checkpoint folder, or 'digits'",
+    )
     p.add_argument("--artifact", help="a compiled artifact folder (Whisper or digit recognizer)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--precision", choices=("fp32",), help="run the fp32 model (the default)")
     g.add_argument("--bits", type=int, choices=(8, 4, 3, 2), help="compile at this weight bit width (cached)")
     g.add_argument("--avg-bits", type=float, help="compile at this average weight bit budget (cached)")
-    p.add_argument("--format", default="txt", choices=("txt", "tsv", "json"),
-                   help="txt: one text per line; tsv: path<TAB>text; json: a list of objects")
+    p.add_argument(
+        "--format",
+        default="txt",
+        choices=("txt", "tsv", "json"),
+        help="txt: one text per line; tsv: path<TAB>text; json: a list of objects",
+    )
     p.set_defaults(fn=cmd_transcribe)
-    p = sub.add_parser("demo", help="compile Whisper tiny.en to low bits and transcribe real speech vs its peers")
+    p = sub.add_parser(
+        "demo", help="compile Whisper tiny.en to low bits and transcribe real speech vs its peers"
+    )
     p.add_argument("--quick", action="store_true", help="fewer utterances")
     p.set_defaults(fn=cmd_demo)
     return parser

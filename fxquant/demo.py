@@ -48,7 +48,8 @@ def run_demo(quick: bool = False, model: str = "whisper-tiny.en") -> int:
         source = f"{len(utts)} LJ Speech utterances (real read speech, public domain)"
     else:
         waves, refs = shipped_audio()
-        source = f"{len(waves)} espeak-ng digit strings shipped with fxquant (../shared not found; synthetic voices)"
+        source = (f"{len(waves)} espeak-ng digit strings shipped with fxquant (../shared not found; "
+                  f"synthetic voices)")
     print(f"audio: {source}, {sum(w.numel() for w in waves) / 16000:.0f} s in all\n")
     rows = evaluate_waves(model, VARIANTS, {"speech": (waves, refs)}, log=print)
     print()
@@ -58,6 +59,8 @@ def run_demo(quick: bool = False, model: str = "whisper-tiny.en") -> int:
                 print(f"  {r.variant:>6}  ref: {ref[:60]}\n          hyp: {hyp.strip()[:60]}")
     print()
     print(render_rows(rows, f"{model}: word error rate, size and speed per variant"))
-    print(f"\n(demo took {time.perf_counter() - start:.0f} s; compiled models are cached, so a second run is "
-          f"faster; full evaluation: fxquant eval {model})")
+    print(
+        f"\n(demo took {time.perf_counter() - start:.0f} s; compiled models are cached, so a second run is "
+        f"faster; full evaluation: fxquant eval {model})"
+    )
     return 0

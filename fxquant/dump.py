@@ -59,7 +59,9 @@ def table_text(gm: fx.GraphModule, include_get_attr: bool = False) -> str:
             continue
         prov = r["provenance"]
         last = (prov[-1] + (f" (+{len(prov) - 1})" if len(prov) > 1 else "")) if prov else ""
-        body.append([r["node"], r["op"], r["target"], r["shape"], r["dtype"], r["module"], r["decision"], last])
+        body.append(
+            [r["node"], r["op"], r["target"], r["shape"], r["dtype"], r["module"], r["decision"], last]
+        )
     return tabulate(body, headers=list(COLUMNS), tablefmt="simple")
 
 
@@ -81,8 +83,11 @@ def write_dumps(gm: fx.GraphModule, directory: Path, stem: str) -> list[Path]:
     """Write stem.txt / stem.dot / stem.json into directory; returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []
-    for suffix, text in ((".txt", table_text(gm, include_get_attr=True)), (".dot", to_dot(gm, stem)),
-                         (".json", to_json(gm))):
+    for suffix, text in (
+        (".txt", table_text(gm, include_get_attr=True)),
+        (".dot", to_dot(gm, stem)),
+        (".json", to_json(gm)),
+    ):
         path = directory / (stem + suffix)
         path.write_text(text)
         out.append(path)

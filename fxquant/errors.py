@@ -42,7 +42,7 @@ class ModelNotFoundError(FxQuantError):
 
 
 class CheckpointError(FxQuantError, ValueError):
-    """A model checkpoint (model.bin, safetensors, .pt) is truncated, corrupted or of an unsupported layout."""
+    """A model checkpoint (model.bin, safetensors, .pt) is truncated, corrupted or of an unknown layout."""
 
 
 class AudioError(FxQuantError, ValueError):

@@ -1,4 +1,4 @@
-"""What a compiled module accepts: how many inputs, and per input its kind, dtype family, rank and fixed sizes.
+"""What a compiled module accepts: how many inputs, and per input its kind, dtype family, rank, fixed sizes.
 
 Compiled and loaded modules check every call against it before any kernel runs, so a wrong number
 of inputs, a wrong rank or a size the graph was specialised to give an InputError that says what
@@ -13,6 +13,7 @@ Example:
     ...
     fxquant.errors.InputError: this compiled module takes 1 input (x), got 2
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,21 +31,36 @@ _FAMILIES: dict[torch.dtype, str] = {}
 def _family(dtype: torch.dtype) -> str:
     family = _FAMILIES.get(dtype)
     if family is None:
-        family = "bool" if dtype == torch.bool else "floating point" if dtype.is_floating_point else \
-            "complex" if dtype.is_complex else "integer"
+        family = (
+            "bool"
+            if dtype == torch.bool
+            else "floating point"
+            if dtype.is_floating_point
+            else "complex"
+            if dtype.is_complex
+            else "integer"
+        )
         _FAMILIES[dtype] = family
     return family
 
 
 class InputSpec:
-    """Per graph input (placeholder): {"name", "kind": "tensor"|"none"|..., "dtype", "shape": (int | None, ...)}."""
+    """Per graph input: {"name", "kind": "tensor"|"none"|..., "dtype", "shape": (int | None, ...)}."""
 
     def __init__(self, items: list[dict], in_spec: pytree.TreeSpec | None = None):
         self.items = list(items)
         self.in_spec = in_spec
         # per tensor input: (rank, ((dim, size) fixed), dtype family), so a call costs a few comparisons
-        self._fast = [(len(it["shape"]), tuple((i, d) for i, d in enumerate(it["shape"]) if d is not None),
-                       _family(it["dtype"])) if it["kind"] == "tensor" else None for it in self.items]
+        self._fast = [
+            (
+                len(it["shape"]),
+                tuple((i, d) for i, d in enumerate(it["shape"]) if d is not None),
+                _family(it["dtype"]),
+            )
+            if it["kind"] == "tensor"
+            else None
+            for it in self.items
+        ]
         args_spec = in_spec.child(0) if in_spec is not None and in_spec.num_children == 2 else None
         self.n_args = args_spec.num_children if args_spec is not None else len(self.items)
         self._flat = args_spec is None or all(c.is_leaf() for c in args_spec.children())
@@ -70,8 +86,12 @@ class InputSpec:
 
     def to_json(self) -> list[dict]:
         """The manifest form (artifact_schema.input_specs reads it back)."""
-        return [{**it, "dtype": str(it["dtype"]).replace("torch.", ""), "shape": list(it["shape"])}
-                if it["kind"] == "tensor" else dict(it) for it in self.items]
+        return [
+            {**it, "dtype": str(it["dtype"]).replace("torch.", ""), "shape": list(it["shape"])}
+            if it["kind"] == "tensor"
+            else dict(it)
+            for it in self.items
+        ]
 
     def names(self) -> str:
         return ", ".join(it["name"] for it in self.items)
@@ -80,24 +100,34 @@ class InputSpec:
         """Raise InputError unless `args` (positional) fit the graph."""
         if len(args) != self.n_args:
             plural = "s" if self.n_args != 1 else ""
-            raise InputError(f"this compiled module takes {self.n_args} input{plural} ({self.names()}), "
-                             f"got {len(args)}")
+            raise InputError(
+                f"this compiled module takes {self.n_args} input{plural} ({self.names()}), got {len(args)}"
+            )
         if self._flat:
             leaves = args
         else:
             leaves, spec = pytree.tree_flatten((tuple(args), {}))
             if spec != self.in_spec:
-                raise InputError(f"the inputs' structure {spec} differs from the one the module was compiled for "
-                                 f"{self.in_spec}")
+                raise InputError(
+                    f"the inputs' structure {spec} differs from the one the module was compiled for "
+                    f"{self.in_spec}"
+                )
         if len(leaves) != len(self.items):
-            raise InputError(f"this compiled module takes {len(self.items)} tensors/values ({self.names()}), "
-                             f"got {len(leaves)}")
+            raise InputError(
+                f"this compiled module takes {len(self.items)} tensors/values ({self.names()}), "
+                f"got {len(leaves)}"
+            )
         for item, fast, value in zip(self.items, self._fast, leaves):
             if fast is None:
                 continue
             rank, fixed, family = fast
-            if type(value) is not torch.Tensor or not value.is_cpu or value.dim() != rank or \
-                    any(value.shape[i] != d for i, d in fixed) or _family(value.dtype) != family:
+            if (
+                type(value) is not torch.Tensor
+                or not value.is_cpu
+                or value.dim() != rank
+                or any(value.shape[i] != d for i, d in fixed)
+                or _family(value.dtype) != family
+            ):
                 self._check_one(item, value)  # says what is wrong (a Tensor subclass may pass there)
 
     @staticmethod
@@ -108,13 +138,19 @@ class InputSpec:
         if not isinstance(value, torch.Tensor):
             raise InputError(f"input {name!r} must be a tensor, got {type(value).__name__}")
         if value.device.type != "cpu":
-            raise InputError(f"input {name!r} is on device {value.device}; fxquant modules run on the CPU: "
-                             f"pass a CPU tensor (x.cpu()), not a meta or accelerator tensor")
+            raise InputError(
+                f"input {name!r} is on device {value.device}; fxquant modules run on the CPU: "
+                f"pass a CPU tensor (x.cpu()), not a meta or accelerator tensor"
+            )
         want = item["shape"]
         if value.dim() != len(want) or any(w is not None and w != d for w, d in zip(want, value.shape)):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
-            raise InputError(f"input {name!r} has shape {tuple(value.shape)}; this module was specialised to shape "
-                             f"{shown} (dims marked 'any' may vary). Compile with example inputs of the size you run")
+            raise InputError(
+                f"input {name!r} has shape {tuple(value.shape)}; this module was specialised to shape "
+                f"{shown} (dims marked 'any' may vary). Compile with example inputs of the size you run"
+            )
         if _family(value.dtype) != _family(item["dtype"]):
-            raise InputError(f"input {name!r} has dtype {value.dtype}; this module expects a "
-                             f"{_family(item['dtype'])} tensor ({item['dtype']})")
+            raise InputError(
+                f"input {name!r} has dtype {value.dtype}; this module expects a "
+                f"{_family(item['dtype'])} tensor ({item['dtype']})"
+            )

@@ -46,7 +46,18 @@ PROVENANCE = "fxq_provenance"
 ACT_STATS = "fxq_act_stats"
 SENSITIVITY = "fxq_sensitivity"
 QUANT_STATS = "fxq_quant_stats"
-ALL_KEYS = (MODULE, MODULE_TYPE, SOURCE, SHAPE, DTYPE, DECISION, PROVENANCE, ACT_STATS, SENSITIVITY, QUANT_STATS)
+ALL_KEYS = (
+    MODULE,
+    MODULE_TYPE,
+    SOURCE,
+    SHAPE,
+    DTYPE,
+    DECISION,
+    PROVENANCE,
+    ACT_STATS,
+    SENSITIVITY,
+    QUANT_STATS,
+)
 
 aten = torch.ops.aten
 LINEAR_TARGETS = (aten.linear.default,)
@@ -62,14 +73,14 @@ class QuantDecision:
     """
 
     weight_bits: int | None
-    scheme: str = "uniform"            # "uniform" | "codebook" | "float"
-    granularity: str = "group"         # "tensor" | "channel" | "group"
-    group_size: int | None = None      # for granularity "group"
+    scheme: str = "uniform"  # "uniform" | "codebook" | "float"
+    granularity: str = "group"  # "tensor" | "channel" | "group"
+    group_size: int | None = None  # for granularity "group"
     symmetric: bool = True
-    act_bits: int | None = 8           # 8 = dynamic per-token int8; None = float activations
-    act_mode: str = "dynamic"          # "dynamic" | "static"
-    rounding: str = "nearest"          # "nearest" | "gptq"
-    decided_by: str = "default"        # e.g. "rule:re:.*attn.*", "pass:assign-precision"
+    act_bits: int | None = 8  # 8 = dynamic per-token int8; None = float activations
+    act_mode: str = "dynamic"  # "dynamic" | "static"
+    rounding: str = "nearest"  # "nearest" | "gptq"
+    decided_by: str = "default"  # e.g. "rule:re:.*attn.*", "pass:assign-precision"
 
     def label(self) -> str:
         if self.weight_bits is None:
@@ -84,8 +95,13 @@ class QuantDecision:
 
 def is_quantizable(node: fx.Node) -> bool:
     """True for linear/conv call_function nodes whose weight is a get_attr parameter."""
-    return (node.op == "call_function" and node.target in QUANTIZABLE_TARGETS
-            and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr")
+    return (
+        node.op == "call_function"
+        and node.target in QUANTIZABLE_TARGETS
+        and len(node.args) > 1
+        and isinstance(node.args[1], fx.Node)
+        and node.args[1].op == "get_attr"
+    )
 
 
 def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
@@ -143,8 +159,9 @@ def verify(gm: fx.GraphModule) -> None:
         if SHAPE in meta and meta[SHAPE] is not None and not isinstance(meta[SHAPE], tuple):
             problems.append(f"{SHAPE} must be a tuple or None")
         if problems:
-            raise VerificationError(f"node {node.name!r} ({node.op} {node.target}) breaks the IR contract: "
-                                    + "; ".join(problems))
+            raise VerificationError(
+                f"node {node.name!r} ({node.op} {node.target}) breaks the IR contract: " + "; ".join(problems)
+            )
 
 
 # ops whose weights fxquant cannot quantize (no lowered op or kernel): their fp32 weights still count
@@ -154,12 +171,18 @@ UNQUANTIZED_WEIGHT_OPS = (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, 
 def float_weights(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
     """The float parameters a node reads through get_attr (nested in lists, as aten.lstm's params are)."""
     found: list[torch.Tensor] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(get_attr_value(gm, n.target))
-                    if n.op == "get_attr" else None)
+    fx.node.map_arg(
+        (node.args, node.kwargs),
+        lambda n: found.append(get_attr_value(gm, n.target)) if n.op == "get_attr" else None,
+    )
     return [t for t in found if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def unquantized_weight_params(gm: fx.GraphModule) -> int:
     """Parameters of ops fxquant keeps in fp32 (LSTM/GRU/RNN weights): budgets count them at 32 bits."""
-    return sum(t.numel() for n in gm.graph.nodes if n.op == "call_function" and n.target in UNQUANTIZED_WEIGHT_OPS
-               for t in float_weights(gm, n))
+    return sum(
+        t.numel()
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in UNQUANTIZED_WEIGHT_OPS
+        for t in float_weights(gm, n)
+    )

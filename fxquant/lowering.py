@@ -1,10 +1,11 @@
 """Lowered-op construction shared by passes: `make_op` (decision + QuantizedWeight -> op module),
-`quantize_node` (a decided node's QuantizedWeight) and the static-activation-scale ops. Passes share code only through the core, so `quantize` (its SQNR check) and
-`lower` both build ops here.
+`quantize_node` (a decided node's QuantizedWeight) and the static-activation-scale ops. Passes share
+code only through the core, so `quantize` (its SQNR check) and `lower` both build ops here.
 
 Example:
     >>> op = make_op(gm, node, qw)        # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,12 +13,19 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.errors import ConfigError
-from fxquant.formats import QuantCache
+from fxquant.quant_cache import QuantCache
 from fxquant.ops import LowbitConv, LowbitLinear, apply_epilogue
 from fxquant.qweight import QuantizedWeight, group_accumulators
 from fxquant.quantizers import nodes as qn
 
-__all__ = ["make_op", "quant_args", "quantize_node", "static_linear", "StaticLowbitLinear", "StaticLowbitConv"]
+__all__ = [
+    "make_op",
+    "quant_args",
+    "quantize_node",
+    "static_linear",
+    "StaticLowbitLinear",
+    "StaticLowbitConv",
+]
 
 
 def static_linear(x: torch.Tensor, qw: QuantizedWeight, bias, act_scale: torch.Tensor) -> torch.Tensor:
@@ -50,13 +58,17 @@ class StaticLowbitLinear(_StaticForward, LowbitLinear):
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
 
     def reference(self, x):
-        return apply_epilogue(static_linear(x, self.qweight, self.bias, self.act_scale), self.epilogue).to(x.dtype)
+        return apply_epilogue(static_linear(x, self.qweight, self.bias, self.act_scale), self.epilogue).to(
+            x.dtype
+        )
 
 
 class StaticLowbitConv(_StaticForward, LowbitConv):
     """LowbitConv (groups == 1) with a static int8 activation scale on the im2col rows."""
 
-    def __init__(self, qw, bias, weight_shape, stride, padding, dilation, groups, act_scale: float, epilogue=None):
+    def __init__(
+        self, qw, bias, weight_shape, stride, padding, dilation, groups, act_scale: float, epilogue=None
+    ):
         super().__init__(qw, bias, weight_shape, stride, padding, dilation, groups, 8, epilogue)
         self.act_mode = "static"
         self.register_buffer("act_scale", torch.tensor(float(act_scale)))
@@ -66,28 +78,36 @@ class StaticLowbitConv(_StaticForward, LowbitConv):
             return super().reference(x)
         kernel = self.weight_shape[2:]
         rows = qn.conv_rows(x, kernel, self.stride, self.padding, self.dilation, 1)
-        y = static_linear(rows, self.qweight, self.bias, self.act_scale)            # [N*L, Cout]
-        shape = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                 zip(x.shape[2:], kernel, self.stride, self.padding, self.dilation)]
+        y = static_linear(rows, self.qweight, self.bias, self.act_scale)  # [N*L, Cout]
+        shape = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(x.shape[2:], kernel, self.stride, self.padding, self.dilation)
+        ]
         y = y.view(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *shape)
         return apply_epilogue(y, self.epilogue).to(x.dtype)
 
 
-def make_op(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, epilogue: str | None = None) -> torch.nn.Module:
+def make_op(
+    gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, epilogue: str | None = None
+) -> torch.nn.Module:
     """The lowered module for a node given its QuantizedWeight and decision."""
     d: ir.QuantDecision = node.meta[ir.DECISION]
     b = qn.bias_of(node)
     bias = ir.get_attr_value(gm, b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
     if isinstance(b, fx.Node) and b.op != "get_attr":
-        raise ConfigError(f"{qn.describe(node)}: the bias is computed in the graph ({b.name}); lowering needs a "
-                          f"constant bias (run const-fold first) or keep the node float with a rule")
+        raise ConfigError(
+            f"{qn.describe(node)}: the bias is computed in the graph ({b.name}); lowering needs a "
+            f"constant bias (run const-fold first) or keep the node float with a rule"
+        )
     static = d.act_mode == "static" and d.act_bits == 8
     scale = None
     if static:
         stats = node.meta.get(ir.ACT_STATS)
         if not stats:
-            raise ConfigError(f"{qn.describe(node)}: act_mode='static' needs calibrated activation ranges; run "
-                              f"the calibrate pass before lower")
+            raise ConfigError(
+                f"{qn.describe(node)}: act_mode='static' needs calibrated activation ranges; run "
+                f"the calibrate pass before lower"
+            )
         scale = max(stats["absmax"], 1e-12) / 127.0
     if node.target in ir.LINEAR_TARGETS:
         if static:
@@ -109,11 +129,24 @@ def quant_args(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
     rounding, note = d.rounding, None
     if rounding == "gptq" and hessian is None:
         rounding = "nearest"
-        why = "no calibration H (run calibrate)" if not stats else "H not collected (grouped conv or K too large)"
+        why = (
+            "no calibration H (run calibrate)"
+            if not stats
+            else "H not collected (grouped conv or K too large)"
+        )
         note = f"gptq -> nearest rounding: {why}"
-    args = dict(weight=ir.node_weight(gm, node), bits=d.weight_bits, scheme=d.scheme, granularity=d.granularity,
-                group_size=d.group_size, symmetric=d.symmetric, hdiag=stats.get("hdiag"), hessian=hessian,
-                rounding=rounding, where=qn.describe(node))
+    args = dict(
+        weight=ir.node_weight(gm, node),
+        bits=d.weight_bits,
+        scheme=d.scheme,
+        granularity=d.granularity,
+        group_size=d.group_size,
+        symmetric=d.symmetric,
+        hdiag=stats.get("hdiag"),
+        hessian=hessian,
+        rounding=rounding,
+        where=qn.describe(node),
+    )
     return args, note
 
 

@@ -92,17 +92,19 @@ class _QWeightStore(LoweredOp):
         self._set_codes(qw.codes)
 
     def _set_codes(self, codes: torch.Tensor | PackedCodes) -> None:
-        """Take the codes as uint8 [N, K] (packed here) or as a PackedCodes of this op's bit width (kept as is)."""
+        """Take the codes as uint8 [N, K] (packed here) or a PackedCodes of this op's bit width (kept)."""
         if isinstance(codes, PackedCodes):
             if codes.bits != self.bits:
                 raise ValueError(f"packed codes have {codes.bits} bits, the op {self.bits}")
             self.__dict__["_packed_codes"] = codes
             return
         if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
-            raise ValueError(f"codes must be a uint8 [N, K] tensor, got {getattr(codes, 'dtype', type(codes))}")
+            got = getattr(codes, "dtype", type(codes))
+            raise ValueError(f"codes must be a uint8 [N, K] tensor, got {got}")
         self.__dict__["_packed_codes"] = _pack_shared(codes, self.bits)
 
-    def register_buffer(self, name: str, tensor: torch.Tensor | PackedCodes | None, persistent: bool = True) -> None:
+    def register_buffer(self, name: str, tensor: torch.Tensor | PackedCodes | None,
+                        persistent: bool = True) -> None:
         if name == "codes":
             return self._set_codes(tensor)
         super().register_buffer(name, tensor, persistent)
@@ -149,8 +151,8 @@ class _QWeightStore(LoweredOp):
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         elif strict:
             missing_keys.append(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 def is_lowered(module: nn.Module) -> bool:
@@ -186,7 +188,7 @@ class _LowbitBase(_QWeightStore):
         if isinstance(held, PackedCodes) and current is not None and held.shape == current.shape \
                 and held.bits == current.bits:
             self.__dict__["_packed_codes"] = held
-        elif current is not None and current.layout != "bits":  # leaving a kernel's copy: back to a bit stream
+        elif current is not None and current.layout != "bits":  # leaving a kernel's copy: to a bit stream
             self.__dict__["_packed_codes"] = PackedCodes.from_codes(current.unpack(), current.bits)
         self.__dict__["_kernel"] = kernel
 
@@ -196,8 +198,9 @@ class _LowbitBase(_QWeightStore):
                 f"act_bits={self.act_bits}, epilogue={self.epilogue}, backend={self.backend}")
 
 
-def layer_norm_f64(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim computed in float64 and rounded to float32 once (the fused kernels' math)."""
+def layer_norm_f64(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim in float64, rounded to float32 once (the fused kernels' math)."""
     xd = x.double()
     mean = xd.mean(-1, keepdim=True)
     var = (xd - mean).square().mean(-1, keepdim=True)
@@ -248,7 +251,8 @@ class LowbitConv(_LowbitBase):
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, weight_shape: tuple[int, ...],
-                 stride, padding, dilation, groups: int, act_bits: int | None = 8, epilogue: str | None = None):
+                 stride, padding, dilation, groups: int, act_bits: int | None = 8,
+                 epilogue: str | None = None):
         super().__init__(qw, bias, act_bits if groups == 1 else None, epilogue)
         self.weight_shape = tuple(weight_shape)
         self.dims = len(weight_shape) - 2
@@ -301,7 +305,8 @@ class LowbitEmbedding(_QWeightStore):
         codes = self.packed_codes.rows(tokens)                              # [..., K] uint8, only these rows
         if self.table.shape[0] == 1 and k % gs == 0:  # one shared level table (uniform formats): 5 ops
             levels = self.table[0][codes.long()]                                             # [..., K] int8
-            scaled = levels.view(*tokens.shape, k // gs, gs).float() * F.embedding(tokens, self.scales)[..., None]
+            scales = F.embedding(tokens, self.scales)[..., None]
+            scaled = levels.view(*tokens.shape, k // gs, gs).float() * scales
             return scaled.view(*tokens.shape, k)
         codes = codes.long()                                                # [..., K]
         tabs = self.table_index[tokens].long().repeat_interleave(self.group_size, -1)[..., :k]
@@ -343,7 +348,8 @@ class FusedAttention(LoweredOp):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        use_kernel = self.kernel is not None and q.shape[-2] <= self.max_query_rows and q.dtype == torch.float32
+        use_kernel = (self.kernel is not None and q.shape[-2] <= self.max_query_rows
+                      and q.dtype == torch.float32)
         if not self.kv_int8:
             if use_kernel:
                 return self.kernel(q, k, v, mask, self.scale)

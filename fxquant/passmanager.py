@@ -1,5 +1,10 @@
 """Run a Pipeline over a GraphModule with instruments: timing, the verifier, dumps, reproducers.
 
+Contracts (fxquant/analysis.py): before the first pass, every step's required analyses must be
+provided by an earlier step or already be in `ctx.analyses` (else ConfigError naming the missing
+pass and the fixed pipeline); after each pass, its declared analyses must be there, and when it
+changed the graph, the analyses it does not preserve are invalidated.
+
 Example:
     >>> import torch, fxquant
     >>> gm = fxquant.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()),
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch.fx as fx
 
 from . import ir
+from .analysis import check_pipeline
 from .dump import table_text, write_dumps
 from .errors import FxQuantError, PassFailure, PipelineError
 from .pipeline import Pipeline
@@ -51,7 +57,13 @@ class PassManager:
         self.verify = verify
         self.timings: list[PassTiming] = []
 
+    def check(self, ctx: PassContext | None = None) -> None:
+        """ConfigError when a step needs an analysis that no earlier step (nor ctx.analyses) provides."""
+        available = ctx.analyses.available() if ctx is not None else ()
+        check_pipeline([(str(step), step.info.contract) for step in self.pipeline], available)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        self.check(ctx)
         staging = self._open_staging()
         ctx.dump_dir = self.dump_dir
         done: list[str] = []
@@ -72,6 +84,7 @@ class PassManager:
                     gm.recompile()
                     if self.verify:
                         ir.verify(gm)
+                    self._settle_analyses(step, ctx, result.changed or gm.code != before_code)
                 except FxQuantError as exc:
                     exc.add_note(f"raised by pass {step.name!r} (step {index} of '{self.pipeline}'); "
                                  f"passes before it: {', '.join(done) or 'none'}")
@@ -95,6 +108,17 @@ class PassManager:
         self._commit_staging(staging)
         return gm
 
+    @staticmethod
+    def _settle_analyses(step, ctx: PassContext, changed: bool) -> None:
+        """Check the pass provided what it declared; invalidate what a graph change made stale."""
+        contract = step.info.contract
+        missing = [k.__name__ for k in contract.provides if ctx.analyses.cached(k) is None]
+        if missing:
+            raise PipelineError(f"pass {step.name!r} declares provides={missing} but did not store them; "
+                                f"call ctx.analyses.set(...) in the pass")
+        if changed:
+            ctx.analyses.invalidate(step.name, contract.preserved)
+
     # -- dumps are staged in a hidden folder and moved into place only when the whole run succeeds
     def _open_staging(self) -> Path | None:
         if self.dump_dir is None or self.dump_mode == "failure":
@@ -109,23 +133,35 @@ class PassManager:
             os.replace(path, self.dump_dir / path.name)
         staging.rmdir()
 
+    def _needed_from_before(self, index: int) -> str:
+        """Analyses the steps from `index` on require but do not provide themselves (with their providers)."""
+        provided, needed = set(), {}
+        for step in list(self.pipeline)[index - 1:]:
+            contract = step.info.contract
+            needed.update({k: k.provider for k in contract.requires if k not in provided})
+            provided |= set(contract.provides)
+        return ", ".join(f"{k.__name__} ({p})" for k, p in needed.items())
+
     def _write_reproducer(self, table: str, code: str, name: str, index: int, exc: BaseException) -> Path:
-        """A new folder: dump_dir/reproducer-NN-pass (a fresh suffix if taken), or a private mkdtemp folder."""
+        """A new folder: dump_dir/reproducer-NN-pass (a fresh suffix if taken), or a private mkdtemp one."""
         stem = f"reproducer-{index:02d}-{name}"
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".repro-", dir=self.dump_dir))
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f"fxquant-{stem}-"))
-        remaining = ",".join(str(s) for s in list(self.pipeline)[index - 1:])
+        remaining = ",".join(str(s) for s in list(self.pipeline)[index - 1 :])
         (tmp / "pipeline.txt").write_text(f"{self.pipeline}\n")
         (tmp / "failing_pipeline.txt").write_text(f"{remaining}\n")
         (tmp / "graph_before.py").write_text(code)
         (tmp / "error.txt").write_text("".join(traceback.format_exception(exc)))
         (tmp / "graph_before.txt").write_text(table)
+        needs = self._needed_from_before(index)
         (tmp / "README.txt").write_text(
             f"Pass {name!r} failed. graph_before.* is the graph it received; failing_pipeline.txt is the\n"
-            f"pipeline from that pass on. Reproduce with fxquant.PassManager(failing_pipeline) on that graph.\n")
+            f"pipeline from that pass on. Reproduce with fxquant.PassManager(failing_pipeline) on that graph"
+            + (f",\nafter the passes that provide the analyses it needs: {needs}.\n" if needs else ".\n")
+        )
         if self.dump_dir is None:
             return tmp  # mkdtemp made it ours alone
         for attempt in range(1000):

@@ -166,7 +166,8 @@ class Pipeline:
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
                 steps.append(PassSpec(item[0], {k: _format_value(v) for k, v in item[1].items()}))
             else:
-                raise PipelineError(f"pipeline items must be names, (name, options) or PassSpec; got {item!r}")
+                raise PipelineError(f"pipeline items must be names, (name, options) or PassSpec; "
+                                    f"got {item!r}")
         return cls(steps)
 
     def __str__(self) -> str:

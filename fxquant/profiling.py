@@ -74,23 +74,38 @@ def profile(gm: fx.GraphModule, inputs: tuple, repeat: int = 5) -> dict[str, Any
         kind = "kernel" if lowered else "torch"
         if node.op == "call_module" and node.target == "_guards_fn":
             kind = "guard"
-        rows.append({"node": name, "module": node.meta.get(ir.MODULE, ""), "kind": kind,
-                     "backend": getattr(gm.get_submodule(node.target), "backend", "") if node.op == "call_module" else "",
-                     "ms": 1e3 * statistics.median(ts)})
+        rows.append(
+            {
+                "node": name,
+                "module": node.meta.get(ir.MODULE, ""),
+                "kind": kind,
+                "backend": getattr(gm.get_submodule(node.target), "backend", "")
+                if node.op == "call_module"
+                else "",
+                "ms": 1e3 * statistics.median(ts),
+            }
+        )
     rows.sort(key=lambda r: -r["ms"])
     real_ms = 1e3 * statistics.median(t for t, _ in real)
     kernel_ms = 1e3 * statistics.median(k for _, k in real)
     torch_ms = sum(r["ms"] for r in rows if r["kind"] != "kernel")  # interpreter timing of the other ops
-    return {"rows": rows, "forward_ms": real_ms, "kernel_ms": kernel_ms, "torch_ms": torch_ms,
-            "outside_kernels_ms": real_ms - kernel_ms,
-            "glue_ms": max(0.0, real_ms - kernel_ms - torch_ms),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "rows": rows,
+        "forward_ms": real_ms,
+        "kernel_ms": kernel_ms,
+        "torch_ms": torch_ms,
+        "outside_kernels_ms": real_ms - kernel_ms,
+        "glue_ms": max(0.0, real_ms - kernel_ms - torch_ms),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def render_profile(prof: dict[str, Any], top: int = 15) -> str:
     body = [[r["node"], r["module"], r["kind"], r["backend"], f"{r['ms']:.3f}"] for r in prof["rows"][:top]]
     text = tabulate(body, headers=["node", "module", "kind", "backend", "median ms"], tablefmt="simple")
-    return (f"{text}\n\nforward {prof['forward_ms']:.2f} ms (median): inside low-bit kernels "
-            f"{prof['kernel_ms']:.2f} ms, outside them {prof['outside_kernels_ms']:.2f} ms (other torch ops "
-            f"{prof['torch_ms']:.2f} ms when timed one by one, glue between nodes {prof['glue_ms']:.2f} ms); "
-            f"peak RSS of this process {prof['peak_rss_mib']:.0f} MiB")
+    return (
+        f"{text}\n\nforward {prof['forward_ms']:.2f} ms (median): inside low-bit kernels "
+        f"{prof['kernel_ms']:.2f} ms, outside them {prof['outside_kernels_ms']:.2f} ms (other torch ops "
+        f"{prof['torch_ms']:.2f} ms when timed one by one, glue between nodes {prof['glue_ms']:.2f} ms); "
+        f"peak RSS of this process {prof['peak_rss_mib']:.0f} MiB"
+    )

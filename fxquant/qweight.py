@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-SCHEMES = ("uniform", "codebook")
+SCHEMES = ["uniform", "codebook"]   # fxquant.formats.register_format adds new formats
 GRANULARITIES = ("tensor", "channel", "group")
 
 
@@ -76,12 +76,19 @@ class QuantizedWeight:
             (2 <= self.bits <= 8, f"bits must be in 2..8, got {self.bits}"),
             (self.codes.dtype == torch.uint8, f"codes must be uint8, got {self.codes.dtype}"),
             (self.table.dtype == torch.int8, f"table must be int8, got {self.table.dtype}"),
-            (self.table.dim() == 2 and self.table.shape[1] == levels,
-             f"table must be [T, {levels}], got {tuple(self.table.shape)}"),
+            (
+                self.table.dim() == 2 and self.table.shape[1] == levels,
+                f"table must be [T, {levels}], got {tuple(self.table.shape)}",
+            ),
             (self.group_size > 0, f"group_size must be positive, got {self.group_size}"),
-            (tuple(self.scales.shape) == (n, g), f"scales must be [{n}, {g}], got {tuple(self.scales.shape)}"),
-            (tuple(self.table_index.shape) == (n, g),
-             f"table_index must be [{n}, {g}], got {tuple(self.table_index.shape)}"),
+            (
+                tuple(self.scales.shape) == (n, g),
+                f"scales must be [{n}, {g}], got {tuple(self.scales.shape)}",
+            ),
+            (
+                tuple(self.table_index.shape) == (n, g),
+                f"table_index must be [{n}, {g}], got {tuple(self.table_index.shape)}",
+            ),
             (self.scheme in SCHEMES, f"scheme must be one of {SCHEMES}, got {self.scheme!r}"),
             (self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}"),
         ]
@@ -103,7 +110,7 @@ class QuantizedWeight:
         g, gs = self.num_groups, self.group_size
         tab = self.table.to(torch.int16)
         if bool((tab[:, 1:] - tab[:, :-1] == 1).all()):
-            first = tab[:, 0][self.table_index.long()]                         # level of code 0, [N, G]
+            first = tab[:, 0][self.table_index.long()]  # level of code 0, [N, G]
             if bool((first == first.reshape(-1)[0]).all()):
                 return (self.codes.to(torch.int16) + first.reshape(-1)[0]).to(torch.int8)
             c = torch.nn.functional.pad(self.codes, (0, g * gs - k)).view(n, g, gs).to(torch.int16)
@@ -111,12 +118,16 @@ class QuantizedWeight:
         flat, levels = self.table.reshape(-1), torch.empty(n, k, dtype=torch.int8)
         step = max(1, (1 << 20) // max(k, 1))
         for r0 in range(0, n, step):
-            base = self.table_index[r0:r0 + step].long().mul(tab.shape[1]).repeat_interleave(gs, dim=1)[:, :k]
-            levels[r0:r0 + step] = flat[base + self.codes[r0:r0 + step].long()]
+            base = (
+                self.table_index[r0 : r0 + step].long().mul(tab.shape[1]).repeat_interleave(gs, dim=1)[:, :k]
+            )
+            levels[r0 : r0 + step] = flat[base + self.codes[r0 : r0 + step].long()]
         return levels
 
     @staticmethod
-    def uniform_symmetric(weight: torch.Tensor, bits: int, group_size: int | None = None) -> "QuantizedWeight":
+    def uniform_symmetric(
+        weight: torch.Tensor, bits: int, group_size: int | None = None
+    ) -> "QuantizedWeight":
         """Round-to-nearest symmetric uniform quantization (levels -2^(b-1)+1 .. 2^(b-1)-1)."""
         w = weight.detach().float()
         n, k = w.shape
@@ -131,13 +142,20 @@ class QuantizedWeight:
         offset = 1 << (bits - 1)
         table = (torch.arange(1 << bits) - offset).to(torch.int8)[None]
         return QuantizedWeight(
-            bits=bits, codes=(q + offset).to(torch.uint8), table=table,
-            table_index=torch.zeros(n, g, dtype=torch.int32), scales=scales.float(), group_size=gs,
-            scheme="uniform", granularity="channel" if gs == k else "group")
+            bits=bits,
+            codes=(q + offset).to(torch.uint8),
+            table=table,
+            table_index=torch.zeros(n, g, dtype=torch.int32),
+            scales=scales.float(),
+            group_size=gs,
+            scheme="uniform",
+            granularity="channel" if gs == k else "group",
+        )
 
 
-def format_bytes(shape: tuple[int, int], bits: int, table: torch.Tensor, table_index: torch.Tensor,
-                 scales: torch.Tensor) -> int:
+def format_bytes(
+    shape: tuple[int, int], bits: int, table: torch.Tensor, table_index: torch.Tensor, scales: torch.Tensor
+) -> int:
     """QuantizedWeight.nbytes() from the parts (no codes needed): packed codes + scales + tables + indices."""
     n, k = shape
     index_bytes = 0 if table.shape[0] == 1 else table_index.numel() * (1 if table.shape[0] <= 256 else 2)
@@ -166,7 +184,7 @@ def quantize_activation_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     inv = torch.tensor(127.0, dtype=torch.float32) / safe
     q = torch.clamp(torch.round(x * inv), -127, 127).to(torch.int8)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    scale = torch.where(torch.isnan(absmax), absmax, scale)   # a NaN input row gives a NaN output row
+    scale = torch.where(torch.isnan(absmax), absmax, scale)  # a NaN input row gives a NaN output row
     return q, scale
 
 
@@ -183,8 +201,9 @@ def group_accumulators(xq: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return torch.einsum("mgk,ngk->mng", xp, wp).round().long()
 
 
-def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                     act_bits: int | None = 8) -> torch.Tensor:
+def reference_linear(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, act_bits: int | None = 8
+) -> torch.Tensor:
     """y = x @ W_hat^T + bias with the kernels' exact semantics.
 
     act_bits=8: per-row int8 activations, per-group int32 accumulation, fp32 scaling.
@@ -214,8 +233,12 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """
     first = parts[0]
     for p in parts[1:]:
-        if (p.codes.shape[1], p.bits, p.group_size, p.scheme) != (first.codes.shape[1], first.bits,
-                                                                 first.group_size, first.scheme):
+        if (p.codes.shape[1], p.bits, p.group_size, p.scheme) != (
+            first.codes.shape[1],
+            first.bits,
+            first.group_size,
+            first.scheme,
+        ):
             raise ValueError("concat_rows needs parts with equal K, bits, group_size and scheme")
     if all(p.table.shape == first.table.shape and torch.equal(p.table, first.table) for p in parts):
         table, index = first.table, torch.cat([p.table_index for p in parts])
@@ -226,16 +249,24 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         table = torch.cat([p.table for p in parts])
         index = torch.cat([p.table_index + off for p, off in zip(parts, offsets)]).to(torch.int32)
     granularity = first.granularity if all(p.granularity == first.granularity for p in parts) else "channel"
-    return QuantizedWeight(first.bits, torch.cat([p.codes for p in parts]), table, index,
-                           torch.cat([p.scales for p in parts]), first.group_size, first.scheme, granularity)
+    return QuantizedWeight(
+        first.bits,
+        torch.cat([p.codes for p in parts]),
+        table,
+        index,
+        torch.cat([p.scales for p in parts]),
+        first.group_size,
+        first.scheme,
+        granularity,
+    )
 
 
 PACK_CHUNK = 1 << 20  # codes per pack/unpack step (a multiple of 8): bounds the int64 scratch of odd widths
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """b-bit codes (any shape, values < 2**bits) -> uint8 [ceil(numel / 8) * bits]: a little-endian bit stream,
-    code i in bits [i*b, (i+1)*b), so 8 codes fill exactly `bits` bytes.
+    """b-bit codes (any shape, values < 2**bits) -> uint8 [ceil(numel / 8) * bits]: a little-endian bit
+    stream, code i in bits [i*b, (i+1)*b), so 8 codes fill exactly `bits` bytes.
 
     Example:
         >>> pack_bits(torch.tensor([1, 2, 3], dtype=torch.uint8), 4).tolist()
@@ -257,9 +288,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return out
     out = np.empty(flat.numel() // 8 * bits, dtype=np.uint8)
     planes = torch.arange(bits, dtype=torch.uint8)
-    for c0 in range(0, flat.numel(), PACK_CHUNK):  # odd widths: code bits in stream order, then numpy's packbits
-        stream = ((flat[c0:c0 + PACK_CHUNK, None] >> planes) & 1).numpy().reshape(-1)
-        out[c0 // 8 * bits:(c0 + PACK_CHUNK) // 8 * bits] = np.packbits(stream, bitorder="little")
+    for c0 in range(
+        0, flat.numel(), PACK_CHUNK
+    ):  # odd widths: code bits in stream order, then numpy's packbits
+        stream = ((flat[c0 : c0 + PACK_CHUNK, None] >> planes) & 1).numpy().reshape(-1)
+        out[c0 // 8 * bits : (c0 + PACK_CHUNK) // 8 * bits] = np.packbits(stream, bitorder="little")
     return torch.from_numpy(out)
 
 
@@ -269,8 +302,9 @@ def unpack_bits(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits: bits must be in 1..8, got {bits}")
     need = -(-numel // 8) * bits
     if data.dtype != torch.uint8 or data.numel() < need:
-        raise ValueError(f"unpack_bits: {numel} {bits}-bit codes need {need} uint8 bytes, got "
-                         f"{data.numel()} {data.dtype}")
+        raise ValueError(
+            f"unpack_bits: {numel} {bits}-bit codes need {need} uint8 bytes, got {data.numel()} {data.dtype}"
+        )
     raw = data.reshape(-1)[:need].contiguous()
     if bits == 8:
         return raw[:numel].clone()
@@ -285,8 +319,10 @@ def unpack_bits(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     weights = (1 << torch.arange(bits, dtype=torch.uint8)).view(1, bits)
     step = PACK_CHUNK // 8 * bits
     for b0 in range(0, raw.numel(), step):
-        stream = torch.from_numpy(np.unpackbits(raw[b0:b0 + step].numpy(), bitorder="little")).view(-1, bits)
-        out[b0 // bits * 8:(b0 + step) // bits * 8] = (stream * weights).sum(1, dtype=torch.uint8)
+        stream = torch.from_numpy(np.unpackbits(raw[b0 : b0 + step].numpy(), bitorder="little")).view(
+            -1, bits
+        )
+        out[b0 // bits * 8 : (b0 + step) // bits * 8] = (stream * weights).sum(1, dtype=torch.uint8)
     return out[:numel]
 
 
@@ -305,11 +341,22 @@ class PackedCodes:
         (12, True, True)
     """
 
-    def __init__(self, data: torch.Tensor, shape: tuple[int, int], bits: int, layout: str = "bits",
-                 unpack_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        shape: tuple[int, int],
+        bits: int,
+        layout: str = "bits",
+        unpack_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         if layout != "bits" and unpack_fn is None:
             raise ValueError(f"PackedCodes layout {layout!r} needs its unpack function")
-        self.data, self.shape, self.bits, self.layout = data, (int(shape[0]), int(shape[1])), int(bits), layout
+        self.data, self.shape, self.bits, self.layout = (
+            data,
+            (int(shape[0]), int(shape[1])),
+            int(bits),
+            layout,
+        )
         self._unpack_fn = unpack_fn
         self._last: weakref.ref | None = None
 

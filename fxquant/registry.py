@@ -1,7 +1,9 @@
 """Pass registry: `@register_pass`, built-in passes loaded lazily, plugins from entry points.
 
 A pass is a function `(gm, ctx) -> PassResult`. Its options are a dataclass; the instance for the
-current pipeline step is `ctx.options`.
+current pipeline step is `ctx.options`. Its contract (fxquant/analysis.py) names the typed analyses
+it requires, provides and preserves; passes hand data to each other only through the graph, its
+meta and `ctx.analyses`.
 
 Example:
     >>> from dataclasses import dataclass
@@ -11,6 +13,15 @@ Example:
     >>> @register_pass("my-pass", options=Opts, kind="analysis")
     ... def my_pass(gm, ctx):
     ...     return PassResult(changed=False, message=f"threshold={ctx.options.threshold}")
+    >>> from fxquant.analysis import PackedWeights
+    >>> @register_pass("my-reader", kind="analysis", requires=(PackedWeights,))
+    ... def my_reader(gm, ctx):
+    ...     packed = ctx.analyses.get(PackedWeights, needed_by="my-reader")
+    ...     return PassResult(message=f"{len(packed.weights)} packed weights")
+    >>> get_pass("my-reader").contract.requires
+    (<class 'fxquant.analysis.PackedWeights'>,)
+    >>> unregister_pass("my-pass"), unregister_pass("my-reader")
+    (None, None)
 
 Plugins: another distribution declares an entry point in the group ``fxquant.passes``
 (``name = "pkg.module"`` or ``"pkg.module:function"``). The loaded module must set
@@ -28,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .analysis import AnalysisManager, Contract, check_contract_types
 from .errors import ConfigError, PipelineError, PluginError
 
 API_VERSION = 1
@@ -49,7 +61,9 @@ class PassContext:
     """Everything a pass may read besides the graph.
 
     config holds compile_lowbit's options (bits, avg_bits, budget_bytes, scheme, rules, target...);
-    state is scratch space passes share (documented by the pass that writes it).
+    analyses holds the typed results passes hand on (fxquant.analysis: CalibrationData, PackedWeights, ...);
+    state is free-form scratch space kept for plugins written before typed analyses (no built-in pass
+    uses it).
     """
 
     example_inputs: tuple = ()
@@ -61,6 +75,7 @@ class PassContext:
     state: dict = field(default_factory=dict)
     progress: bool = False
     model: Any = None
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class PassInfo:
     description: str
     api_version: int
     origin: str
+    contract: Contract = Contract()
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -79,13 +95,29 @@ _LOADED = False
 _LOADING = False
 
 
-def register_pass(name: str, options: type | None = None, kind: str = "transform",
-                  api_version: int = API_VERSION, description: str | None = None) -> Callable:
-    """Decorator registering `fn(gm, ctx) -> PassResult` under `name`."""
+def register_pass(
+    name: str,
+    options: type | None = None,
+    kind: str = "transform",
+    api_version: int = API_VERSION,
+    description: str | None = None,
+    requires: tuple = (),
+    provides: tuple = (),
+    preserves: tuple | str | None = None,
+) -> Callable:
+    """Decorator registering `fn(gm, ctx) -> PassResult` under `name`.
+
+    requires / provides / preserves: Analysis subclasses (fxquant.analysis); preserves="all" for a
+    transform that keeps every analysis valid. Without declarations a transform preserves nothing.
+    """
     if kind not in PASS_KINDS:
         raise ValueError(f"register_pass({name!r}): kind must be one of {PASS_KINDS}, got {kind!r}")
     if options is not None and not dataclasses.is_dataclass(options):
         raise TypeError(f"register_pass({name!r}): options must be a dataclass type, got {options!r}")
+    check_contract_types(name, requires, provides, preserves)
+    contract = Contract(
+        kind, tuple(requires), tuple(provides), preserves if preserves in (None, "all") else tuple(preserves)
+    )
 
     def decorate(fn: Callable) -> Callable:
         origin = "builtin" if fn.__module__.startswith("fxquant.") else f"plugin:{fn.__module__}"
@@ -95,13 +127,16 @@ def register_pass(name: str, options: type | None = None, kind: str = "transform
             raise PluginError(
                 f"pass {name!r} from {fn.__module__} was written for fxquant pass API "
                 f"{declared if declared != API_VERSION else api_version}, but this fxquant provides API "
-                f"{API_VERSION}; update the plugin (or install a matching fxquant)")
+                f"{API_VERSION}; update the plugin (or install a matching fxquant)"
+            )
         old = _REGISTRY.get(name)
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise PipelineError(f"pass name {name!r} is already registered by {old.fn.__module__}; "
-                                f"choose another name for {fn.__module__}.{fn.__qualname__}")
+            raise PipelineError(
+                f"pass name {name!r} is already registered by {old.fn.__module__}; "
+                f"choose another name for {fn.__module__}.{fn.__qualname__}"
+            )
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[name] = PassInfo(name, fn, options, kind, doc, api_version, origin)
+        _REGISTRY[name] = PassInfo(name, fn, options, kind, doc, api_version, origin, contract)
         fn.fxquant_pass_name = name
         return fn
 
@@ -123,20 +158,28 @@ def _load_plugins() -> None:
         except PluginError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin pass {ep.name!r} ({ep.value}) failed to import: "
-                              f"{type(exc).__name__}: {exc}; fix or uninstall that distribution") from exc
+            raise PluginError(
+                f"plugin pass {ep.name!r} ({ep.value}) failed to import: "
+                f"{type(exc).__name__}: {exc}; fix or uninstall that distribution"
+            ) from exc
         module = obj if inspect.ismodule(obj) else inspect.getmodule(obj)
         declared = getattr(module, "FXQUANT_API_VERSION", None)
         registered = _REGISTRY.get(ep.name)
         if declared is None and (registered is None or registered.origin == "builtin"):
-            raise PluginError(f"plugin {ep.value!r} must declare FXQUANT_API_VERSION = {API_VERSION} "
-                              f"and register pass {ep.name!r} with @fxquant.register_pass")
+            raise PluginError(
+                f"plugin {ep.value!r} must declare FXQUANT_API_VERSION = {API_VERSION} "
+                f"and register pass {ep.name!r} with @fxquant.register_pass"
+            )
         if declared is not None and declared != API_VERSION:
-            raise PluginError(f"plugin {ep.value!r} was written for fxquant pass API {declared}, but this "
-                              f"fxquant provides API {API_VERSION}; update the plugin")
+            raise PluginError(
+                f"plugin {ep.value!r} was written for fxquant pass API {declared}, but this "
+                f"fxquant provides API {API_VERSION}; update the plugin"
+            )
         if ep.name not in _REGISTRY:
-            raise PluginError(f"plugin entry point {ep.name!r} ({ep.value}) loaded but registered no pass "
-                              f"named {ep.name!r}; decorate the pass with @fxquant.register_pass({ep.name!r})")
+            raise PluginError(
+                f"plugin entry point {ep.name!r} ({ep.value}) loaded but registered no pass "
+                f"named {ep.name!r}; decorate the pass with @fxquant.register_pass({ep.name!r})"
+            )
 
 
 def ensure_loaded() -> None:
@@ -187,11 +230,15 @@ def calibration_batches(ctx, max_batches: int = 0) -> list[tuple]:
     data = ctx.calibration
     if data is None:
         if not ctx.example_inputs:
-            raise ConfigError("calibration: no calibration data and no example inputs; pass calibration=[(x,), ...]")
+            raise ConfigError(
+                "calibration: no calibration data and no example inputs; pass calibration=[(x,), ...]"
+            )
         data = [tuple(ctx.example_inputs)]
     data = list(data)
     if not data:
-        raise ConfigError("calibration set is empty; pass calibration=[(x1,), (x2,), ...] (a list of input "
-                          "tuples), or calibration=None to calibrate on the example inputs")
+        raise ConfigError(
+            "calibration set is empty; pass calibration=[(x1,), (x2,), ...] (a list of input "
+            "tuples), or calibration=None to calibrate on the example inputs"
+        )
     batches = [item if isinstance(item, (tuple, list)) else (item,) for item in data]
     return [tuple(b) for b in (batches[:max_batches] if max_batches > 0 else batches)]

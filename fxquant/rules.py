@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .formats import AUTO, check_bits, default_granularity, get_format, quantized_formats, resolve_group_size
 
 KINDS = ("exact", "regex", "glob", "op")          # highest precedence first
 OP_TYPES = ("linear", "conv1d", "conv2d", "conv", "depthwise")
 KEYS = ("bits", "scheme", "group", "granularity", "symmetric", "act_bits", "act_mode", "rounding", "float")
-SCHEMES = ("uniform", "codebook")
+DEFAULT_SCHEME = "uniform"   # widths a global scheme has no candidate for fall back to this format
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ def normalise_value(pattern: str, value: Any) -> dict:
     if isinstance(value, int) and not isinstance(value, bool):
         value = {"bits": value}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: value must be bits (int), 'float' or a dict of {list(KEYS)}; got {value!r}")
+        raise ConfigError(
+            f"{where}: value must be bits (int), 'float' or a dict of {list(KEYS)}; got {value!r}"
+        )
     unknown = sorted(set(value) - set(KEYS) - {"group_size"})
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {list(KEYS)}")
@@ -98,15 +101,21 @@ def normalise_value(pattern: str, value: Any) -> dict:
     if v.get("float"):
         extra = sorted(set(v) - {"float", "act_bits", "act_mode"})
         if extra:
-            raise ConfigError(f"{where}: 'float': True keeps the weight fp32, so {extra} make no sense with it")
+            raise ConfigError(
+                f"{where}: 'float': True keeps the weight fp32, so {extra} make no sense with it"
+            )
         return {"float": True}
     v.pop("float", None)
     bits = v.get("bits")
     if "bits" in v and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in (8, 4, 3, 2)):
-        raise ConfigError(f"{where}: bits must be one of (8, 4, 3, 2) like compile_lowbit's bits, got {bits!r} "
-                          f"(use 'float' to keep fp32)")
-    if "scheme" in v and v["scheme"] not in SCHEMES:
-        raise ConfigError(f"{where}: scheme must be one of {SCHEMES} (or 'float': True), got {v['scheme']!r}")
+        raise ConfigError(
+            f"{where}: bits must be one of (8, 4, 3, 2) like compile_lowbit's bits, got {bits!r} "
+            f"(use 'float' to keep fp32)"
+        )
+    if "scheme" in v and v["scheme"] not in quantized_formats():
+        raise ConfigError(
+            f"{where}: scheme must be one of {quantized_formats()} (or 'float': True), got {v['scheme']!r}"
+        )
     if "group" in v:
         g = v["group"]
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
@@ -114,12 +123,18 @@ def normalise_value(pattern: str, value: Any) -> dict:
         if v.setdefault("granularity", "group") != "group":
             raise ConfigError(f"{where}: group={g} contradicts granularity={v['granularity']!r}")
     if "granularity" in v and v["granularity"] not in ("tensor", "channel", "group"):
-        raise ConfigError(f"{where}: granularity must be 'tensor', 'channel' or 'group', got {v['granularity']!r}")
+        raise ConfigError(
+            f"{where}: granularity must be 'tensor', 'channel' or 'group', got {v['granularity']!r}"
+        )
     if "symmetric" in v and not isinstance(v["symmetric"], bool):
         raise ConfigError(f"{where}: symmetric must be True or False, got {v['symmetric']!r}")
-    if v.get("symmetric") is False and bits == 8 and v.get("scheme", "uniform") == "uniform":
-        raise ConfigError(f"{where}: 8-bit asymmetric weights cannot be stored in the int8 level table; "
-                          f"use symmetric at 8 bits or asymmetric at <= 7 bits")
+    problem = (
+        bits
+        and v.get("symmetric") is False
+        and get_format(v.get("scheme", DEFAULT_SCHEME)).check(bits, False)
+    )
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     if "act_bits" in v and v["act_bits"] not in (8, None):
         raise ConfigError(f"{where}: act_bits must be 8 or None (float activations), got {v['act_bits']!r}")
     if "act_mode" in v and v["act_mode"] not in ("dynamic", "static"):
@@ -137,7 +152,9 @@ def parse_rules(rules: dict | Iterable | None) -> list[Rule]:
     out: dict[str, Rule] = {}
     for order, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise ConfigError(f"rules must be a dict {{pattern: value}} or a list of (pattern, value); got {item!r}")
+            raise ConfigError(
+                f"rules must be a dict {{pattern: value}} or a list of (pattern, value); got {item!r}"
+            )
         pattern, value = item
         if not isinstance(pattern, str) or not pattern.strip():
             raise ConfigError(f"rule pattern must be a non-empty string, got {pattern!r}")
@@ -149,11 +166,15 @@ def parse_rules(rules: dict | Iterable | None) -> list[Rule]:
             except re.error as exc:
                 raise ConfigError(f"rule {pattern!r}: invalid regular expression: {exc}") from None
         if kind == "op" and pattern[3:] not in OP_TYPES:
-            raise ConfigError(f"rule {pattern!r}: unknown op type; valid: {', '.join('op:' + t for t in OP_TYPES)}")
+            raise ConfigError(
+                f"rule {pattern!r}: unknown op type; valid: {', '.join('op:' + t for t in OP_TYPES)}"
+            )
         spec = tuple(sorted(normalise_value(pattern, value).items(), key=lambda kv: kv[0]))
         if pattern in out and out[pattern].spec != spec:
-            raise ConfigError(f"contradictory rules: pattern {pattern!r} is given twice with different values "
-                              f"{out[pattern].value} and {dict(spec)}; keep one")
+            raise ConfigError(
+                f"contradictory rules: pattern {pattern!r} is given twice with different values "
+                f"{out[pattern].value} and {dict(spec)}; keep one"
+            )
         out[pattern] = Rule(pattern, kind, spec, order)
     return sorted(out.values(), key=lambda r: r.order)
 
@@ -185,8 +206,10 @@ def assign(rules: list[Rule], nodes: list[tuple[str, str, str]]) -> dict[str, Ru
             modules = sorted({m for _, m, _ in nodes if m})
             sample = ", ".join(modules[:6]) + (", ..." if len(modules) > 6 else "")
             ops = sorted({o for _, _, o in nodes})
-            raise ConfigError(f"rule {r.pattern!r} matches no quantizable node. Module names look like: "
-                              f"{sample or '(none)'}; op types present: {', '.join('op:' + o for o in ops)}")
+            raise ConfigError(
+                f"rule {r.pattern!r} matches no quantizable node. Module names look like: "
+                f"{sample or '(none)'}; op types present: {', '.join('op:' + o for o in ops)}"
+            )
     return out
 
 
@@ -203,24 +226,31 @@ def make_decision(spec: dict, config: dict, k: int, decided_by: str, where: str)
     An explicit group > K in a rule is an error; the global group_size is clamped.
     """
     from . import ir
-    from .formats import check_bits, resolve_group_size
 
-    act = {"act_bits": spec.get("act_bits", config.get("act_bits", 8)),
-           "act_mode": spec.get("act_mode", config.get("act_mode", "dynamic"))}
+    act = {
+        "act_bits": spec.get("act_bits", config.get("act_bits", 8)),
+        "act_mode": spec.get("act_mode", config.get("act_mode", "dynamic")),
+    }
     if spec.get("float"):
-        return ir.QuantDecision(None, scheme="float", granularity="tensor", decided_by=decided_by,
-                                act_bits=None, act_mode="dynamic")
+        return ir.QuantDecision(
+            None,
+            scheme="float",
+            granularity="tensor",
+            decided_by=decided_by,
+            act_bits=None,
+            act_mode="dynamic",
+        )
     bits = spec.get("bits", config.get("bits") or 8)
-    scheme = spec.get("scheme", config.get("scheme") or "uniform")
-    if scheme == "auto" or ("scheme" not in spec and bits >= 5):
-        scheme = "uniform"      # a global scheme="codebook" applies to <= 4 bits (8-bit tables cost 256 B/row)
+    scheme = spec.get("scheme", config.get("scheme") or DEFAULT_SCHEME)
+    if scheme == AUTO or ("scheme" not in spec and bits not in get_format(scheme).candidates.get(scheme, ())):
+        scheme = DEFAULT_SCHEME
     symmetric = spec.get("symmetric", config.get("symmetric", True))
     check_bits(scheme, bits, symmetric, where)
     if "group" in spec:
         granularity, group = "group", spec["group"]
         resolve_group_size("group", group, k, where)
     else:
-        default = "channel" if scheme == "codebook" or bits >= 5 else "group"
+        default = default_granularity(scheme, bits) or "group"
         granularity = spec.get("granularity", default)
         group = config.get("group_size") or DEFAULT_GROUP
         if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
@@ -228,6 +258,13 @@ def make_decision(spec: dict, config: dict, k: int, decided_by: str, where: str)
         if granularity == "group" and group >= k:
             granularity = "channel"
     rounding = spec.get("rounding", "gptq" if config.get("gptq") else "nearest")
-    return ir.QuantDecision(bits, scheme=scheme, granularity=granularity,
-                            group_size=group if granularity == "group" else None, symmetric=symmetric,
-                            rounding=rounding, decided_by=decided_by, **act)
+    return ir.QuantDecision(
+        bits,
+        scheme=scheme,
+        granularity=granularity,
+        group_size=group if granularity == "group" else None,
+        symmetric=symmetric,
+        rounding=rounding,
+        decided_by=decided_by,
+        **act,
+    )

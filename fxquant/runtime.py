@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,9 +54,22 @@ def node_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
             params = sum(t.numel() for t in weights if t.dim() >= 2)
             weight = f"{params} params"
             nbytes = sum(t.numel() * t.element_size() for t in weights)
-            rows.append({"node": node.name, "module": node.meta.get(ir.MODULE, ""), "op": op, "weight": weight,
-                         "format": "float", "bits": 32, "decided_by": "no quantized kernel", "bytes": nbytes,
-                         "fp32_bytes": nbytes, "params": params, "sqnr_db": None, "backend": "torch"})
+            rows.append(
+                {
+                    "node": node.name,
+                    "module": node.meta.get(ir.MODULE, ""),
+                    "op": op,
+                    "weight": weight,
+                    "format": "float",
+                    "bits": 32,
+                    "decided_by": "no quantized kernel",
+                    "bytes": nbytes,
+                    "fp32_bytes": nbytes,
+                    "params": params,
+                    "sqnr_db": None,
+                    "backend": "torch",
+                }
+            )
             continue
         elif ir.is_quantizable(node):
             w = ir.node_weight(gm, node)
@@ -64,20 +78,29 @@ def node_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
             params = w.numel()
             bias = node.args[2] if len(node.args) > 2 else None
             nbytes = w.numel() * w.element_size() + (
-                ir.get_attr_value(gm, bias.target).numel() * 4 if isinstance(bias, fx.Node) else 0)
+                ir.get_attr_value(gm, bias.target).numel() * 4 if isinstance(bias, fx.Node) else 0
+            )
             backend = "torch"
         else:
             continue
         decision = node.meta.get(ir.DECISION)
         stats = node.meta.get(ir.QUANT_STATS, {})
-        rows.append({
-            "node": node.name, "module": node.meta.get(ir.MODULE, ""), "op": op, "weight": weight,
-            "format": decision.label() if decision else "float",
-            "bits": decision.weight_bits if decision and decision.weight_bits else 32,
-            "decided_by": decision.decided_by if decision else "",
-            "bytes": nbytes, "fp32_bytes": stats.get("fp32_bytes", nbytes),
-            "params": params, "sqnr_db": stats.get("sqnr_db"), "backend": backend,
-        })
+        rows.append(
+            {
+                "node": node.name,
+                "module": node.meta.get(ir.MODULE, ""),
+                "op": op,
+                "weight": weight,
+                "format": decision.label() if decision else "float",
+                "bits": decision.weight_bits if decision and decision.weight_bits else 32,
+                "decided_by": decision.decided_by if decision else "",
+                "bytes": nbytes,
+                "fp32_bytes": stats.get("fp32_bytes", nbytes),
+                "params": params,
+                "sqnr_db": stats.get("sqnr_db"),
+                "backend": backend,
+            }
+        )
     return rows
 
 
@@ -90,9 +113,11 @@ def unquantized_weight_warning(rows: list[dict]) -> str | None:
     share = sum(r["params"] for r in kept) / total
     names = ", ".join(f"{r['module'] or r['node']} ({r['op']}, {r['params']} weights)" for r in kept[:4])
     avg = summarize(rows, 1, 1)["avg_weight_bits"]
-    return (f"{share:.0%} of the weights stay fp32 because fxquant has no quantized kernel for them: {names}. "
-            f"They count at 32 bits in the report (average weight bits {avg:.2f}). For recurrent layers use "
-            f"torch.ao.quantization.quantize_dynamic, or compile the other parts with submodules=[...]")
+    return (
+        f"{share:.0%} of the weights stay fp32 because fxquant has no quantized kernel for them: {names}. "
+        f"They count at 32 bits in the report (average weight bits {avg:.2f}). For recurrent layers use "
+        f"torch.ao.quantization.quantize_dynamic, or compile the other parts with submodules=[...]"
+    )
 
 
 def attention_line(gm: fx.GraphModule) -> str:
@@ -103,33 +128,59 @@ def attention_line(gm: fx.GraphModule) -> str:
     if not ops:
         return ""
     n8 = sum(bool(m.kv_int8) for m in ops)
-    return (f"\nattention: {len(ops)} fused ops; {n8} read constant keys/values as per-row int8 "
-            f"(compile option kv_bits=None keeps them float32)")
+    return (
+        f"\nattention: {len(ops)} fused ops; {n8} read constant keys/values as per-row int8 "
+        f"(compile option kv_bits=None keeps them float32)"
+    )
 
 
-def summarize(rows: list[dict], total_bytes: int, fp32_total: int, resident: int | None = None) -> dict[str, Any]:
+def summarize(
+    rows: list[dict], total_bytes: int, fp32_total: int, resident: int | None = None
+) -> dict[str, Any]:
     params = sum(r["params"] for r in rows)
     avg_bits = sum(r["bits"] * r["params"] for r in rows) / params if params else 32.0
-    out = {"weight_nodes": len(rows), "avg_weight_bits": avg_bits, "model_bytes": total_bytes,
-           "fp32_bytes": fp32_total, "compression": fp32_total / total_bytes if total_bytes else float("nan")}
+    out = {
+        "weight_nodes": len(rows),
+        "avg_weight_bits": avg_bits,
+        "model_bytes": total_bytes,
+        "fp32_bytes": fp32_total,
+        "compression": fp32_total / total_bytes if total_bytes else float("nan"),
+    }
     if resident is not None:
-        out["resident_bytes"] = resident  # what the weights really occupy: packed + kernels' copies + float tensors
+        out["resident_bytes"] = resident
     return out
 
 
 def render_report(rows: list[dict], summary: dict, timings=None) -> str:
-    body = [[r["node"], r["module"], r["op"], r["weight"], r["format"], r["decided_by"], _fmt_bytes(r["bytes"]),
-             _fmt_bytes(r["fp32_bytes"]), "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}", r["backend"]]
-            for r in rows]
+    body = [
+        [
+            r["node"],
+            r["module"],
+            r["op"],
+            r["weight"],
+            r["format"],
+            r["decided_by"],
+            _fmt_bytes(r["bytes"]),
+            _fmt_bytes(r["fp32_bytes"]),
+            "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}",
+            r["backend"],
+        ]
+        for r in rows
+    ]
     text = tabulate(body, headers=list(REPORT_COLUMNS), tablefmt="simple")
-    text += (f"\n\nmodel bytes {_fmt_bytes(summary['model_bytes'])} (fp32 {_fmt_bytes(summary['fp32_bytes'])}, "
-             f"{summary['compression']:.2f}x smaller); average weight bits {summary['avg_weight_bits']:.2f} "
-             f"over {summary['weight_nodes']} weight nodes")
+    text += (
+        f"\n\nmodel bytes {_fmt_bytes(summary['model_bytes'])} (fp32 {_fmt_bytes(summary['fp32_bytes'])}, "
+        f"{summary['compression']:.2f}x smaller); average weight bits {summary['avg_weight_bits']:.2f} "
+        f"over {summary['weight_nodes']} weight nodes"
+    )
     if summary.get("resident_bytes") is not None:
         text += f"; resident weight memory {_fmt_bytes(summary['resident_bytes'])} (ops + kernels)"
     if timings:
-        text += "\n\n" + tabulate([[t.name, f"{t.seconds * 1e3:.1f}", "yes" if t.changed else "", t.message]
-                                   for t in timings], headers=["pass", "ms", "changed", "result"], tablefmt="simple")
+        text += "\n\n" + tabulate(
+            [[t.name, f"{t.seconds * 1e3:.1f}", "yes" if t.changed else "", t.message] for t in timings],
+            headers=["pass", "ms", "changed", "result"],
+            tablefmt="simple",
+        )
     return text
 
 
@@ -172,9 +223,18 @@ def resident_bytes(module: nn.Module) -> int:
 class CompiledModule(nn.Module):
     """The compiled model: call it like the original; `.graph_module`, `.report()`, `.report_rows()`."""
 
-    def __init__(self, gm: fx.GraphModule, pipeline: str, timings=None, config=None, signature=None,
-                 name: str = "", fp32_bytes: int | None = None, example_inputs: tuple | None = None,
-                 input_spec=None):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        pipeline: str,
+        timings=None,
+        config=None,
+        signature=None,
+        name: str = "",
+        fp32_bytes: int | None = None,
+        example_inputs: tuple | None = None,
+        input_spec=None,
+    ):
         super().__init__()
         from .input_spec import InputSpec
 
@@ -204,17 +264,23 @@ class CompiledModule(nn.Module):
             if "Guard failed" not in str(exc):
                 raise
             shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-            raise InputError(f"inputs of shapes ({shapes}) break an assumption the captured graph was "
-                             f"specialised to ({str(exc).replace('Guard failed: ', '')}); torch.export fixed "
-                             f"that size while tracing. Compile with example inputs of the size you run, or "
-                             f"compile once per size") from None
+            raise InputError(
+                f"inputs of shapes ({shapes}) break an assumption the captured graph was "
+                f"specialised to ({str(exc).replace('Guard failed: ', '')}); torch.export fixed "
+                f"that size while tracing. Compile with example inputs of the size you run, or "
+                f"compile once per size"
+            ) from None
 
     def report_rows(self) -> list[dict[str, Any]]:
         return node_rows(self.graph_module)
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.report_rows(), tensor_bytes(self.graph_module), self.fp32_bytes,
-                         resident_bytes(self.graph_module))
+        return summarize(
+            self.report_rows(),
+            tensor_bytes(self.graph_module),
+            self.fp32_bytes,
+            resident_bytes(self.graph_module),
+        )
 
     def report(self, passes: bool = False, profile: bool = False, inputs: tuple | None = None) -> str:
         """Per-node table (format, who decided, bytes, SQNR, backend) and a summary line.
@@ -231,13 +297,15 @@ class CompiledModule(nn.Module):
 
             inputs = inputs if inputs is not None else self.example_inputs
             if inputs is None:
-                raise TypeError("report(profile=True) needs inputs=(...) for a module loaded from an artifact")
+                raise TypeError(
+                    "report(profile=True) needs inputs=(...) for a module loaded from an artifact"
+                )
             text += "\n\n" + render_profile(run_profile(self.graph_module, tuple(inputs)))
         return text
 
     def save(self, directory) -> "Path":
         """Write a self-contained artifact (no pickle); reload it with fxquant.load(directory)."""
-        from .artifact import save
+        from .artifact_save import save
 
         return save(self, directory)
 
@@ -277,7 +345,9 @@ class CompiledSubmodules(nn.Module):
         return [dict(r, node=f"{n}:{r['node']}") for n, cm in self.compiled.items() for r in cm.report_rows()]
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.report_rows(), tensor_bytes(self.model), self.fp32_bytes, resident_bytes(self.model))
+        return summarize(
+            self.report_rows(), tensor_bytes(self.model), self.fp32_bytes, resident_bytes(self.model)
+        )
 
     def save(self, directory) -> "Path":
         """Write every compiled part (no pickle); reload with fxquant.load(directory, model=float_model)."""
@@ -286,5 +356,8 @@ class CompiledSubmodules(nn.Module):
         return save_parts(self, directory)
 
     def report(self, passes: bool = False) -> str:
-        return "\n\n".join(cm.report(passes) for cm in self.compiled.values()) + \
-            "\n\nwhole model: " + render_report([], self.summary()).split("\n\n")[-1]
+        return (
+            "\n\n".join(cm.report(passes) for cm in self.compiled.values())
+            + "\n\nwhole model: "
+            + render_report([], self.summary()).split("\n\n")[-1]
+        )

@@ -38,19 +38,32 @@ def _entry(path: Path, name: str, info, data_size: int) -> tuple[np.dtype, tuple
         raise CheckpointError(f"{path}: header entry {name!r} needs exactly dtype, shape and data_offsets.")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if code not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}; supported: {sorted(SAFETENSORS_DTYPES)}.")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of non-negative ints.")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size):
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r} outside the {data_size}-byte "
-                              "buffer; the file is truncated or corrupt.")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has dtype {code!r}; supported: {sorted(SAFETENSORS_DTYPES)}."
+        )
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {shape!r}; expected a list of non-negative ints."
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r} outside the {data_size}-byte "
+            "buffer; the file is truncated or corrupt."
+        )
     dtype = SAFETENSORS_DTYPES[code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
-        raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {code} needs {expected} bytes, "
-                              f"its data_offsets span {offsets[1] - offsets[0]}; the file is corrupt.")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} of shape {shape} and dtype {code} needs {expected} bytes, "
+            f"its data_offsets span {offsets[1] - offsets[0]}; the file is corrupt."
+        )
     return dtype, tuple(shape), offsets[0], offsets[1], code
 
 
@@ -68,16 +81,22 @@ def read_safetensors(path: str | os.PathLike, *, widen: bool = True) -> dict[str
         raise CheckpointError(f"{path} does not exist or is not a file.")
     size = path.stat().st_size
     if size < 8:
-        raise CheckpointError(f"{path} has {size} bytes; a safetensors file starts with an 8-byte header length.")
+        raise CheckpointError(
+            f"{path} has {size} bytes; a safetensors file starts with an 8-byte header length."
+        )
     buffer = np.memmap(path, dtype=np.uint8, mode="r")
     header_len = int.from_bytes(buffer[:8].tobytes(), "little")
     if header_len > min(size - 8, MAX_HEADER_BYTES):
-        raise CheckpointError(f"{path}: header length {header_len} exceeds the file ({size} bytes) or the "
-                              f"{MAX_HEADER_BYTES}-byte cap; the file is truncated or not safetensors.")
+        raise CheckpointError(
+            f"{path}: header length {header_len} exceeds the file ({size} bytes) or the "
+            f"{MAX_HEADER_BYTES}-byte cap; the file is truncated or not safetensors."
+        )
     try:
-        header = json.loads(buffer[8:8 + header_len].tobytes().decode("utf-8"))
+        header = json.loads(buffer[8 : 8 + header_len].tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: the header is not UTF-8 JSON ({exc}); the file is corrupt or not safetensors.") from None
+        raise CheckpointError(
+            f"{path}: the header is not UTF-8 JSON ({exc}); the file is corrupt or not safetensors."
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is a JSON {type(header).__name__}, expected an object.")
     header.pop("__metadata__", None)
@@ -86,26 +105,32 @@ def read_safetensors(path: str | os.PathLike, *, widen: bool = True) -> dict[str
     position = 0
     for name, (_, _, begin, end, _) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != position:
-            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin}, expected {position} (overlap or "
-                                  "hole in the buffer); the file is corrupt.")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at byte {begin}, expected {position} (overlap or "
+                "hole in the buffer); the file is corrupt."
+            )
         position = end
     if position != data_size:
-        raise CheckpointError(f"{path}: the tensors cover {position} of {data_size} buffer bytes; the file is corrupt.")
+        raise CheckpointError(
+            f"{path}: the tensors cover {position} of {data_size} buffer bytes; the file is corrupt."
+        )
     out: dict[str, np.ndarray] = {}
     for name, (dtype, shape, begin, end, code) in entries.items():
-        array = buffer[data_start + begin:data_start + end].view(dtype).reshape(shape)
+        array = buffer[data_start + begin : data_start + end].view(dtype).reshape(shape)
         if code == "BF16" and widen:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         out[name] = array
     return out
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Write numpy arrays as a .safetensors file (little-endian, 8-byte aligned header).
 
     Example:
-        >>> write_safetensors("t.safetensors", {"b": np.zeros(4, np.float16)}, {"format": "pt"})   # doctest: +SKIP
+        >>> tensors = {"b": np.zeros(4, np.float16)}
+        >>> write_safetensors("t.safetensors", tensors, {"format": "pt"})   # doctest: +SKIP
     """
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     arrays, offset = [], 0
@@ -113,9 +138,15 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         value = np.ascontiguousarray(value)
         dtype = value.dtype.newbyteorder("<") if value.dtype.byteorder == ">" else value.dtype
         if dtype not in _NAMES:
-            raise CheckpointError(f"tensor {name!r} has dtype {value.dtype}; writable: {sorted(set(_NAMES.values()))}.")
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {value.dtype}; writable: {sorted(set(_NAMES.values()))}."
+            )
         value = value.astype(dtype, copy=False)
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(value.shape), "data_offsets": [offset, offset + value.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + value.nbytes],
+        }
         arrays.append(value)
         offset += value.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -28,15 +28,14 @@ import torch.fx as fx
 
 from . import ir, rules as rules_mod
 from .errors import ConfigError
-from .formats import weight_bytes
+from .formats import candidates as format_candidates, default_granularity, scheme_options, weight_bytes
 from .quantizers import nodes as qn
 
-CANDIDATES = {  # scheme option -> candidate (bits, scheme) list; >= 5 bits per channel, <= 4 per group
-    "uniform": ((8, "uniform"), (6, "uniform"), (5, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform")),
-    "codebook": ((8, "uniform"), (6, "uniform"), (4, "codebook"), (3, "codebook"), (2, "codebook")),
-    "auto": ((8, "uniform"), (6, "uniform"), (5, "uniform"), (4, "uniform"), (3, "uniform"), (2, "uniform"),
-             (4, "codebook"), (3, "codebook"), (2, "codebook")),
-}
+
+
+def candidate_table() -> dict[str, tuple[tuple[int, str], ...]]:
+    """scheme option -> the (bits, format) candidates, read from the format table (fxquant.formats)."""
+    return {scheme: format_candidates(scheme) for scheme in scheme_options()}
 
 
 @dataclass
@@ -111,16 +110,17 @@ def tie_groups(gm: fx.GraphModule, nodes: list[fx.Node], tie_siblings: bool = Tr
 def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
     """Tie groups with their pinned decision (rules, depthwise default, global bits) or candidates."""
     mode, _, budget_label = budget_mode(config)
-    table = quantizable_nodes(gm)
-    info = {n.name: (mod, op, shape) for n, mod, op, shape in table}
+    nodes = quantizable_nodes(gm)
+    info = {n.name: (mod, op, shape) for n, mod, op, shape in nodes}
     parsed = rules_mod.parse_rules(config.get("rules"))
-    chosen = rules_mod.assign(parsed, [(n.name, mod, op) for n, mod, op, _ in table])
+    chosen = rules_mod.assign(parsed, [(n.name, mod, op) for n, mod, op, _ in nodes])
     depthwise_bits = config.get("depthwise_bits", 8)
     scheme = config.get("scheme") or ("auto" if mode else "uniform")
-    if scheme not in CANDIDATES:
-        raise ConfigError(f"scheme must be one of {sorted(CANDIDATES)}, got {scheme!r}")
+    table = candidate_table()
+    if scheme not in table:
+        raise ConfigError(f"scheme must be one of {sorted(table)}, got {scheme!r}")
     groups = []
-    for members in tie_groups(gm, [n for n, *_ in table], config.get("tie_siblings", True)):
+    for members in tie_groups(gm, [n for n, *_ in nodes], config.get("tie_siblings", True)):
         names = [m.name for m in members]
         grp = Group(names, [info[n][2] for n in names])
         k = min(s[1] for s in grp.shapes)
@@ -135,20 +135,22 @@ def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
             grp.pinned = rules_mod.make_decision(spec, config, k, f"rule:{rule.pattern}", where)
         elif rule is None and depthwise_bits is not None and all(info[n][1] == "depthwise" for n in names):
             spec_dw = {"bits": depthwise_bits, "scheme": "uniform", "granularity": "channel"}
-            grp.pinned = rules_mod.make_decision(spec_dw, config, k, f"default:depthwise={depthwise_bits}", where)
+            label = f"default:depthwise={depthwise_bits}"
+            grp.pinned = rules_mod.make_decision(spec_dw, config, k, label, where)
         elif mode is None:
             bits = config.get("bits")
             label = f"bits={bits}" if bits is not None else "default:W8"
             grp.pinned = rules_mod.make_decision(spec, {**config, "bits": bits or 8}, k, label, where)
         else:
-            for bits, sch in CANDIDATES[scheme]:
+            for bits, sch in table[scheme]:
                 if "scheme" in spec and spec["scheme"] != sch or bits < config.get("min_bits", 2):
                     continue
                 cand_spec = {**spec, "bits": bits, "scheme": sch}
-                if bits >= 5 or sch == "codebook":
-                    cand_spec.setdefault("granularity", "channel")
-                    if "group" in spec and sch == "codebook":
-                        cand_spec["granularity"] = "group"
+                granularity = default_granularity(sch, bits, "group" in spec)
+                if granularity == "group":  # the format keeps a group the rule asked for
+                    cand_spec["granularity"] = "group"
+                elif granularity is not None:
+                    cand_spec.setdefault("granularity", granularity)
                 if "granularity" in spec and spec["granularity"] != "group":
                     cand_spec.pop("group", None)
                 if not cand_spec.get("symmetric", True) and bits == 8:
@@ -173,9 +175,9 @@ def solve(options: list[list[tuple[float, float]]], budget: float, resolution: i
     costs = [c for opts in options for c, _ in opts]
     unit = 0
     if all(float(c).is_integer() for c in costs):
-        unit = math.gcd(*(int(c) for c in costs))   # exact DP when the costs share a large divisor
+        unit = math.gcd(*(int(c) for c in costs))  # exact DP when the costs share a large divisor
     if not unit or budget / unit > 8 * resolution:
-        unit = max(budget / resolution, 1e-12)      # otherwise round costs up (the budget still holds)
+        unit = max(budget / resolution, 1e-12)  # otherwise round costs up (the budget still holds)
     cap = int(math.floor(budget / unit + 1e-9))
     inf = float("inf")
     dp = torch.full((cap + 1,), inf, dtype=torch.float64)
@@ -189,15 +191,17 @@ def solve(options: list[list[tuple[float, float]]], budget: float, resolution: i
             if cu > cap:
                 continue
             cand = torch.full_like(dp, inf)
-            cand[cu:] = dp[:cap + 1 - cu] + s
+            cand[cu:] = dp[: cap + 1 - cu] + s
             better = cand < new
             new = torch.where(better, cand, new)
             pick = torch.where(better, torch.full_like(pick, j), pick)
         dp = new
         choices.append((pick, opts, unit))
     if not torch.isfinite(dp).any():  # only possible through the rounding up of costs
-        raise ConfigError(f"budget {budget:g} is too tight for the cost discretisation; raise it slightly "
-                          f"(minimum {min_cost:g})")
+        raise ConfigError(
+            f"budget {budget:g} is too tight for the cost discretisation; raise it slightly "
+            f"(minimum {min_cost:g})"
+        )
     c = int(torch.argmin(dp))
     out = []
     for pick, opts, unit in reversed(choices):

@@ -67,7 +67,9 @@ def number_to_words(n: int) -> str:
     for value, name in _SCALES:
         if n >= value:
             rest = n % value
-            return number_to_words(n // value) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
+            return (
+                number_to_words(n // value) + " " + name + ("" if rest == 0 else " " + number_to_words(rest))
+            )
     raise AssertionError("unreachable")
 
 
@@ -143,13 +145,26 @@ def _expand_numbers(text: str) -> str:
     text = _COMMA_NUMBER_RE.sub("", text)
     text = _MONEY_RE.sub(_money, text)
     text = text.replace("%", " percent ")
-    text = _DECIMAL_RE.sub(lambda m: f" {_cardinal_words(m.group(1))} point {_digit_words(m.group(2))} ", text)
-    text = _ORDINAL_RE.sub(lambda m: " " + (ordinal_to_words(int(m.group(1))) if len(m.group(1)) < _MAX_DIGITS
-                                            else _digit_words(m.group(1))) + " ", text)
+    text = _DECIMAL_RE.sub(
+        lambda m: f" {_cardinal_words(m.group(1))} point {_digit_words(m.group(2))} ", text
+    )
+    text = _ORDINAL_RE.sub(
+        lambda m: (
+            " "
+            + (
+                ordinal_to_words(int(m.group(1)))
+                if len(m.group(1)) < _MAX_DIGITS
+                else _digit_words(m.group(1))
+            )
+            + " "
+        ),
+        text,
+    )
 
     def decade(m: re.Match) -> str:
         words = _integer_words(m.group(1)).split()
         return " " + " ".join(words[:-1] + [_plural(words[-1])]) + " "
+
     text = _DECADE_RE.sub(decade, text)
     return _NUMBER_RE.sub(lambda m: " " + _integer_words(m.group(0)) + " ", text)
 
@@ -167,12 +182,12 @@ def normalize_english(text: str) -> str:
         raise TypeError(f"normalize_english takes a str, got {type(text).__name__}")
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = re.sub(r"[\u2018\u2019\u02bc`´]", "'", text)              # curly apostrophes
+    text = re.sub(r"[\u2018\u2019\u02bc`´]", "'", text)  # curly apostrophes
     text = _ABBREV_RE.sub(_expand_abbreviation, text)
     text = text.replace("&", " and ")
     text = _expand_numbers(text)
-    text = re.sub(r"(?<=\w)'(?=\w)", "", text)                       # don't -> dont, smith's -> smiths
-    text = re.sub(r"[^\w\s]|_", " ", text)                          # hyphens, quotes, all other punctuation
+    text = re.sub(r"(?<=\w)'(?=\w)", "", text)  # don't -> dont, smith's -> smiths
+    text = re.sub(r"[^\w\s]|_", " ", text)  # hyphens, quotes, all other punctuation
     return " ".join(text.split())
 
 
@@ -189,7 +204,9 @@ def word_error_rate(refs: Sequence[str] | str, hyps: Sequence[str] | str, normal
         refs, hyps = [refs], [hyps]
     refs, hyps = list(refs), list(hyps)
     if len(refs) != len(hyps):
-        raise ValueError(f"got {len(refs)} references but {len(hyps)} hypotheses; pass one hypothesis per reference")
+        raise ValueError(
+            f"got {len(refs)} references but {len(hyps)} hypotheses; pass one hypothesis per reference"
+        )
     if not refs:
         raise ValueError("WER of an empty corpus is undefined; pass at least one reference")
     if normalize:

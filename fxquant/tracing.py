@@ -29,44 +29,65 @@ from . import ir
 from .errors import CaptureError, ConfigError
 
 METHODS = ("auto", "export", "symbolic")
-RUNGS = {"auto": ("export-dynamic", "export-static", "symbolic"), "export": ("export-dynamic", "export-static"),
-         "symbolic": ("symbolic",)}
-RUNG_LABELS = {"export-dynamic": "torch.export with dynamic batch/time dims",
-               "export-static": "torch.export with the example inputs' static shapes",
-               "symbolic": "torch.fx.symbolic_trace"}
+RUNGS = {
+    "auto": ("export-dynamic", "export-static", "symbolic"),
+    "export": ("export-dynamic", "export-static"),
+    "symbolic": ("symbolic",),
+}
+RUNG_LABELS = {
+    "export-dynamic": "torch.export with dynamic batch/time dims",
+    "export-static": "torch.export with the example inputs' static shapes",
+    "symbolic": "torch.fx.symbolic_trace",
+}
 _TORCH_DIR = str(Path(torch.__file__).parent)
 REMEDIES = (
     "Remedies: (1) compile only the traceable parts and keep your own Python loop: "
     "compile_lowbit(model, inputs, submodules=['encoder', 'decoder.blocks.*']); (2) for symbolic tracing, "
     "make the offending submodule a leaf or pass its Python-level flags as concrete args; "
-    "(3) replace data-dependent Python control flow (if/for on tensor values) with tensor ops such as torch.where."
+    "(3) replace data-dependent Python control flow (if/for on tensor values) with tensor ops such as "
+    "torch.where."
 )
 
 
 def check_inputs(model: Any, example_inputs: Any) -> tuple:
     """Validate the model and example inputs; returns the inputs as a tuple."""
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}; "
-                          f"wrap functions in an nn.Module whose forward calls them")
+        raise ConfigError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; "
+            f"wrap functions in an nn.Module whose forward calls them"
+        )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise ConfigError(f"example_inputs must be a tuple of tensors (the positional arguments of "
-                          f"model.forward), got {type(example_inputs).__name__}")
+        raise ConfigError(
+            f"example_inputs must be a tuple of tensors (the positional arguments of "
+            f"model.forward), got {type(example_inputs).__name__}"
+        )
     for i, arg in enumerate(example_inputs):
         if not isinstance(arg, (torch.Tensor, int, float, bool, type(None))):
-            raise ConfigError(f"example_inputs[{i}] is a {type(arg).__name__}; fxquant accepts tensors and "
-                              f"plain numbers/bools/None as positional arguments")
+            raise ConfigError(
+                f"example_inputs[{i}] is a {type(arg).__name__}; fxquant accepts tensors and "
+                f"plain numbers/bools/None as positional arguments"
+            )
         if isinstance(arg, torch.Tensor) and arg.device.type != "cpu":
-            raise ConfigError(f"example_inputs[{i}] is on device {arg.device}; fxquant compiles for the CPU and "
-                              f"needs real example values: pass a CPU tensor with data")
+            raise ConfigError(
+                f"example_inputs[{i}] is on device {arg.device}; fxquant compiles for the CPU and "
+                f"needs real example values: pass a CPU tensor with data"
+            )
         if isinstance(arg, torch.Tensor) and 0 in arg.shape:
-            raise ConfigError(f"example_inputs[{i}] has shape {tuple(arg.shape)} with a zero-size dimension; "
-                              f"calibration needs data: give at least one sample along every dimension")
-        if isinstance(arg, torch.Tensor) and arg.is_floating_point() and (
-                torch.isnan(arg).any() or torch.isposinf(arg).any()):
-            raise ConfigError(f"example_inputs[{i}] contains NaN or +Inf; give finite example inputs "
-                              f"(-inf is allowed, as in additive attention masks)")
+            raise ConfigError(
+                f"example_inputs[{i}] has shape {tuple(arg.shape)} with a zero-size dimension; "
+                f"calibration needs data: give at least one sample along every dimension"
+            )
+        if (
+            isinstance(arg, torch.Tensor)
+            and arg.is_floating_point()
+            and (torch.isnan(arg).any() or torch.isposinf(arg).any())
+        ):
+            raise ConfigError(
+                f"example_inputs[{i}] contains NaN or +Inf; give finite example inputs "
+                f"(-inf is allowed, as in additive attention masks)"
+            )
     return tuple(example_inputs)
 
 
@@ -112,9 +133,11 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "auto") -> fx
                 model(*example_inputs)
         except Exception as exc:
             where = _locate(exc, names)
-            raise CaptureError(f"the model raised {type(exc).__name__} when run eagerly on the example inputs "
-                               f"{_describe(example_inputs)}{where}: {exc}\nCheck the inputs' number, "
-                               f"shapes and dtypes against {type(model).__name__}.forward.") from exc
+            raise CaptureError(
+                f"the model raised {type(exc).__name__} when run eagerly on the example inputs "
+                f"{_describe(example_inputs)}{where}: {exc}\nCheck the inputs' number, "
+                f"shapes and dtypes against {type(model).__name__}.forward."
+            ) from exc
         failures: list[tuple[str, BaseException]] = []
         for rung in RUNGS[method]:
             try:
@@ -141,14 +164,19 @@ def _dynamic_spec(example_inputs: tuple) -> tuple:
     much more tracing time (BC-ResNet: 34 s instead of 5 s), so middle axes stay static.
     """
     dim = torch.export.Dim.AUTO
-    return tuple({i: dim for i in sorted({0, 1, a.dim() - 1}) if i < a.dim()} if isinstance(a, torch.Tensor)
-                 and a.dim() else None for a in example_inputs)
+    return tuple(
+        {i: dim for i in sorted({0, 1, a.dim() - 1}) if i < a.dim()}
+        if isinstance(a, torch.Tensor) and a.dim()
+        else None
+        for a in example_inputs
+    )
 
 
 def _export_dynamic(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Dynamic where the model allows it (batch and time lengths usually do)."""
-    return torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_spec(example_inputs),
-                               strict=False).module()
+    return torch.export.export(
+        model, example_inputs, dynamic_shapes=_dynamic_spec(example_inputs), strict=False
+    ).module()
 
 
 def _export_static(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -166,8 +194,10 @@ def _symbolic(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
 _RUNG_FNS = {"export-dynamic": _export_dynamic, "export-static": _export_static, "symbolic": _symbolic}
 
 _PATH_PATTERNS = [
-    (re.compile(r"^L\['self'\]\.?"), ""), (re.compile(r"^L__self___?"), ""),
-    (re.compile(r"getattr\((.*?), '(\w+)'\)"), r"\1.\2"), (re.compile(r"\._modules\['(\w+)'\]"), r".\1"),
+    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"^L__self___?"), ""),
+    (re.compile(r"getattr\((.*?), '(\w+)'\)"), r"\1.\2"),
+    (re.compile(r"\._modules\['(\w+)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
 ]
 
@@ -212,15 +242,17 @@ def canonicalize(gm: fx.GraphModule, method: str) -> None:
 
 
 def _locate(exc: BaseException, names: dict[int, str]) -> str:
-    """' in module X (file:line: code)' for the deepest frame of exc running inside one of the model's modules."""
+    """' in module X (file:line: code)' for the deepest frame of exc running inside a module of the model."""
     found = ""
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         code = frame.f_code
         owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         if id(owner) in names and not code.co_filename.startswith(_TORCH_DIR):
             label = names[id(owner)] or "<root>"
-            found = (f" in module '{label}' ({type(owner).__name__}) at "
-                     f"{Path(code.co_filename).name}:{lineno}: {_line_text(code.co_filename, lineno)}")
+            found = (
+                f" in module '{label}' ({type(owner).__name__}) at "
+                f"{Path(code.co_filename).name}:{lineno}: {_line_text(code.co_filename, lineno)}"
+            )
     cause = exc.__cause__ or exc.__context__
     if not found and cause is not None and cause is not exc:
         return _locate(cause, names)
@@ -234,8 +266,10 @@ def _line_text(filename: str, lineno: int) -> str:
 
 
 def _describe(example_inputs: tuple) -> str:
-    parts = [f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor) else repr(a)
-             for a in example_inputs]
+    parts = [
+        f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor) else repr(a)
+        for a in example_inputs
+    ]
     return "(" + ", ".join(parts) + ")"
 
 

@@ -71,9 +71,13 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple]:
             raise ConfigError(f"cannot load factory {spec!r}: {exc}; give 'module.path:callable' importable "
                               f"from the current environment") from exc
     else:
-        raise ConfigError(f"unknown model {spec!r}; give a zoo name ({', '.join(ZOO)}) or 'module.path:callable'")
+        raise ConfigError(
+            f"unknown model {spec!r}; give a zoo name ({', '.join(ZOO)}) or 'module.path:callable'"
+        )
     result = fn()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise ConfigError(f"factory {spec!r} must return (model, example_inputs), got {type(result).__name__}")
+        raise ConfigError(
+            f"factory {spec!r} must return (model, example_inputs), got {type(result).__name__}"
+        )
     model, inputs = result
     return model, inputs if isinstance(inputs, tuple) else (inputs,)

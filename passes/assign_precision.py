@@ -12,7 +12,7 @@ default for depthwise convs), tie_siblings (True).
 - neither: W8 per-channel A8, decided_by "default:W8".
 - Rules (fxquant.rules) pin nodes ("rule:<pattern>"); depthwise convs default to depthwise_bits
   ("default:depthwise=8"): their bytes are negligible but they count in the average honestly.
-The summary is kept in ctx.state["precision"] = {"avg_bits", "bytes", "params"}.
+Provides PrecisionPlan (fxquant.analysis): the decisions and avg_bits, bytes, params.
 
 Example:
     >>> import torch, fxquant.tracing as c
@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
+from fxquant.analysis import PrecisionPlan
 from fxquant.errors import ConfigError
 from fxquant.formats import quantize_weight
 from fxquant.qweight import dequantize
@@ -51,7 +52,7 @@ def _proxy_sensitivity(gm: fx.GraphModule, nodes: list[fx.Node], d: ir.QuantDeci
     return total
 
 
-@register_pass(PASS, kind="analysis")
+@register_pass(PASS, kind="analysis", provides=(PrecisionPlan,))
 def assign_precision(gm: fx.GraphModule, ctx) -> PassResult:
     """Decide a QuantDecision per quantizable node from bits / budget / rules."""
     config = ctx.config or {}
@@ -90,11 +91,13 @@ def assign_precision(gm: fx.GraphModule, ctx) -> PassResult:
             g.pinned = g.candidates[j]
     bits_sum = sum(g.cost(g.pinned, "bits") for g in groups) + 32 * float_params
     bytes_sum = sum(g.cost(g.pinned, "bytes") for g in groups) + 4 * float_params
+    decisions = {}
     for g in groups:
         for name in g.names:
             ir.set_decision(by_name[name], g.pinned, PASS)
+            decisions[name] = by_name[name].meta[ir.DECISION]
     avg = bits_sum / max(total_params, 1)
-    ctx.state["precision"] = {"avg_bits": avg, "bytes": bytes_sum, "params": total_params}
+    ctx.analyses.set(PrecisionPlan(avg_bits=avg, bytes=bytes_sum, params=total_params, decisions=decisions))
     return PassResult(changed=False, message=f"{sum(len(g.names) for g in groups)} nodes decided; "
                                              f"avg {avg:.3f} weight bits, {bytes_sum} bytes"
                                              + (f" ({label})" if label else ""))

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
+from fxquant.analysis import CalibrationData
 from fxquant.formats import quantize_weight
 from fxquant.graphutil import insert_get_attr, remove_dead_nodes, set_constant
 from fxquant.qweight import dequantize
@@ -108,7 +109,8 @@ def _replace_attr(gm: fx.GraphModule, user: fx.Node, index: int, value: torch.Te
     ir.add_provenance(user, PASS, why)
 
 
-@register_pass(PASS, options=AwqScaleOptions, kind="transform")
+@register_pass(PASS, options=AwqScaleOptions, kind="transform", requires=(CalibrationData,),
+               preserves=(CalibrationData,))  # the statistics and samples of scaled linears are rescaled here
 def awq_scale(gm: fx.GraphModule, ctx) -> PassResult:
     """Fold activation-aware input-channel scales into LayerNorm-fed linears (see module docstring)."""
     opts = ctx.options or AwqScaleOptions()
@@ -128,10 +130,11 @@ def awq_scale(gm: fx.GraphModule, ctx) -> PassResult:
         if found is None or found[2] == 0.0:
             continue
         s, err, alpha, base = found
-        why = f"input channels scaled by E[x^2]^({alpha:g}/2): {opts.bits}-bit error {err / max(base, 1e-30):.2f}x"
+        ratio = err / max(base, 1e-30)
+        why = f"input channels scaled by E[x^2]^({alpha:g}/2): {opts.bits}-bit error {ratio:.2f}x"
         for i in (2, 3):
             _replace_attr(gm, ln, i, ir.get_attr_value(gm, ln.args[i].target).detach().float() / s, why)
-        samples = ctx.state.get("calib_samples", {})
+        samples = ctx.analyses.get(CalibrationData, needed_by=PASS).samples
         for u in users:
             _replace_attr(gm, u, 1, ir.node_weight(gm, u).detach().float() * s, why)
             _rescale_stats(u, s)
@@ -139,9 +142,11 @@ def awq_scale(gm: fx.GraphModule, ctx) -> PassResult:
                 samples[u.name] = samples[u.name] / s
         scaled += 1
         gains.append(err / max(base, 1e-30))
-    remove_dead_nodes(gm, PASS)   # the replaced weight reads
+    remove_dead_nodes(gm, PASS)  # the replaced weight reads
     gm.graph.lint()
     gm.recompile()
     mean = sum(gains) / len(gains) if gains else 1.0
-    return PassResult(changed=scaled > 0, message=f"{scaled} LayerNorm groups scaled; nominal "
-                                                  f"{opts.bits}-bit error x{mean:.2f} on average")
+    return PassResult(
+        changed=scaled > 0,
+        message=f"{scaled} LayerNorm groups scaled; nominal {opts.bits}-bit error x{mean:.2f} on average",
+    )

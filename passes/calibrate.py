@@ -7,8 +7,9 @@ For every quantizable node, meta[ir.ACT_STATS] gets the statistics of its *input
     or for grouped convs), where rows are the vectors the flattened weight multiplies (im2col
     patches for convs). H is accumulated, never the activations, so memory is O(K^2) per node.
 Placeholders and the nodes feeding the output get min/max/absmax/percentile of their *output* in
-ctx.state["io_stats"][placeholder name or "output:<i>"] (also in meta[ACT_STATS] when the node has no input stats): for io q/dq.
-ctx.state["calib_samples"][node.name] keeps a small slice of the first batch's input (for quantize's SQNR).
+CalibrationData.io_stats[placeholder name or "output:<i>"] (also in meta[ACT_STATS] when the node has
+no input stats): for io q/dq. CalibrationData.samples[node.name] keeps a small slice of the first
+batch's input (for quantize's SQNR). Provides: CalibrationData (fxquant.analysis).
 
 Inputs: ctx.calibration (a list of input tuples; a bare tensor item is wrapped), or the example
 inputs when None; an empty list raises ConfigError. A progress bar goes to stderr when ctx.progress.
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
+from fxquant.analysis import CalibrationData
 from fxquant.progress import Progress
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, calibration_batches, register_pass  # noqa: F401 (re-exported)
@@ -65,7 +67,9 @@ class RangeObserver:
         if self.top == 0.0:
             self.top = amax if amax > 0 else 1e-12
         while amax > self.top:  # double the range: bin pairs merge
-            self.hist = torch.cat([self.hist.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)])
+            self.hist = torch.cat(
+                [self.hist.view(-1, 2).sum(1), torch.zeros(self.bins // 2, dtype=torch.float64)]
+            )
             self.top *= 2
         idx = (a / self.top * self.bins).long().clamp(max=self.bins - 1)
         self.hist += torch.bincount(idx, minlength=self.bins).double()
@@ -75,12 +79,19 @@ class RangeObserver:
         if total == 0:
             return 0.0
         cdf = self.hist.cumsum(0) / total
-        i = int(torch.searchsorted(cdf, torch.tensor(pct / 100.0, dtype=torch.float64)).clamp(max=self.bins - 1))
+        i = int(
+            torch.searchsorted(cdf, torch.tensor(pct / 100.0, dtype=torch.float64)).clamp(max=self.bins - 1)
+        )
         return min((i + 1) * self.top / self.bins, max(abs(self.min), abs(self.max)))
 
     def stats(self, pct: float) -> dict:
-        return {"min": self.min, "max": self.max, "absmax": max(abs(self.min), abs(self.max)),
-                "percentile": self.percentile(pct), "pct": pct}
+        return {
+            "min": self.min,
+            "max": self.max,
+            "absmax": max(abs(self.min), abs(self.max)),
+            "percentile": self.percentile(pct),
+            "pct": pct,
+        }
 
 
 class NodeObserver(RangeObserver):
@@ -113,8 +124,13 @@ class NodeObserver(RangeObserver):
     def stats(self, pct: float) -> dict:
         out = super().stats(pct)
         n = max(self.rows, 1)
-        out.update(channel_absmax=self.channel_absmax, rows=self.rows, batches=self.batches,
-                   hdiag=self.hdiag / n, H=None if self.h is None else self.h / n)
+        out.update(
+            channel_absmax=self.channel_absmax,
+            rows=self.rows,
+            batches=self.batches,
+            hdiag=self.hdiag / n,
+            H=None if self.h is None else self.h / n,
+        )
         return out
 
 
@@ -137,7 +153,7 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-@register_pass("calibrate", options=CalibrateOptions, kind="analysis")
+@register_pass("calibrate", options=CalibrateOptions, kind="analysis", provides=(CalibrationData,))
 def calibrate(gm: fx.GraphModule, ctx) -> PassResult:
     """Collect input activation stats and second moments H of every quantizable node."""
     opts = ctx.options or CalibrateOptions()
@@ -150,7 +166,8 @@ def calibrate(gm: fx.GraphModule, ctx) -> PassResult:
     io_nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
     io_nodes += [a for a in out_node.all_input_nodes]
     io_observers = {n.name: RangeObserver() for n in io_nodes}
-    samples = ctx.state.setdefault("calib_samples", {})
+    data = CalibrationData(batches=len(batches))
+    samples = data.samples
     recorder = _Recorder(gm, observers, io_observers, samples, opts.sample_numel)
     bar = Progress("calibrate", len(batches), bool(ctx.progress))
     with torch.no_grad():
@@ -160,11 +177,12 @@ def calibrate(gm: fx.GraphModule, ctx) -> PassResult:
     by_name = {n.name: n for n in gm.graph.nodes}
     for name, obs in observers.items():
         by_name[name].meta[ir.ACT_STATS] = obs.stats(opts.percentile)
-    io_stats = ctx.state.setdefault("io_stats", {})
+    io_stats = data.io_stats
     outputs = {n.name: f"output:{i}" for i, n in enumerate(out_node.all_input_nodes)}
     for name, obs in io_observers.items():
         if obs.hist.sum() > 0:
             stats = obs.stats(opts.percentile)
             io_stats[outputs.get(name, name)] = stats
             by_name[name].meta.setdefault(ir.ACT_STATS, stats)
+    ctx.analyses.set(data)
     return PassResult(changed=False, message=f"{len(observers)} nodes observed on {len(batches)} batches")

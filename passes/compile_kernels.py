@@ -50,16 +50,25 @@ def codegen_pass(gm, ctx) -> PassResult:
     opts = ctx.options or CodegenOptions()
     if not lowered_ops(gm):
         return PassResult(changed=False, message="no lowered LowbitLinear/LowbitConv ops")
-    report = attach_kernels(gm, opts.target, opts.fallback, out_dir=ctx.work_dir, cache_dir=opts.cache_dir or None,
-                            never_slower=opts.never_slower, example_inputs=ctx.example_inputs,
-                            timing_budget_s=opts.timing_budget_ms / 1e3)
+    report = attach_kernels(
+        gm,
+        opts.target,
+        opts.fallback,
+        out_dir=ctx.work_dir,
+        cache_dir=opts.cache_dir or None,
+        never_slower=opts.never_slower,
+        example_inputs=ctx.example_inputs,
+        timing_budget_s=opts.timing_budget_ms / 1e3,
+    )
     if isinstance(gm, torch.fx.GraphModule):
         _record_provenance(gm, report)
         if ctx.work_dir is not None:
             atomic_write(ctx.work_dir / "forward.py", gm.code)
     message = f"target {opts.target}: {report.summary()}"
     if report.replaced:
-        message += "; torch kept: " + "; ".join(f"{k}: {report.backends[k]}" for k in list(report.replaced)[:3])
+        message += "; torch kept: " + "; ".join(
+            f"{k}: {report.backends[k]}" for k in list(report.replaced)[:3]
+        )
     if report.fell_back:
         message += "; " + "; ".join(f"{k}: {v}" for k, v in list(report.fell_back.items())[:3])
     return PassResult(changed=True, message=message)

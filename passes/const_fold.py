@@ -16,8 +16,14 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.graphutil import (LAYOUT_OPS, drop_unused_attributes, insert_get_attr, is_pure, remove_dead_nodes,
-                               set_constant)
+from fxquant.graphutil import (
+    LAYOUT_OPS,
+    drop_unused_attributes,
+    insert_get_attr,
+    is_pure,
+    remove_dead_nodes,
+    set_constant,
+)
 from fxquant.registry import PassResult, register_pass
 
 
@@ -48,15 +54,25 @@ def const_fold(gm, ctx) -> PassResult:
                 values[node] = node.target(*args, **kwargs)
     folded, skipped = 0, 0
     for node, result in list(values.items()):  # materialise only the frontier the runtime graph reads
-        if node.op == "get_attr" or not isinstance(result, torch.Tensor) or all(u in values for u in node.users):
+        if (
+            node.op == "get_attr"
+            or not isinstance(result, torch.Tensor)
+            or all(u in values for u in node.users)
+        ):
             continue
         if node.target in LAYOUT_OPS:  # free at run time; materialising them would copy whole weights
-            ir.add_provenance(node, "const-fold", "not folded: a free view of parameters (folding would copy them)")
+            ir.add_provenance(
+                node, "const-fold", "not folded: a free view of parameters (folding would copy them)"
+            )
             continue
         in_numel = sum(v.numel() for n in node.all_input_nodes if isinstance(v := values[n], torch.Tensor))
         if result.numel() > opts.max_growth * max(in_numel, 1):
-            ir.add_provenance(node, "const-fold", f"not folded: result has {result.numel()} elements, "
-                                                  f"inputs {in_numel} (max_growth={opts.max_growth})")
+            ir.add_provenance(
+                node,
+                "const-fold",
+                f"not folded: result has {result.numel()} elements, "
+                f"inputs {in_numel} (max_growth={opts.max_growth})",
+            )
             skipped += 1
             continue
         target = set_constant(gm, "", f"_fxq_const_{node.name}", result.contiguous())
@@ -68,5 +84,7 @@ def const_fold(gm, ctx) -> PassResult:
     if folded:
         remove_dead_nodes(gm, "const-fold")
         drop_unused_attributes(gm)
-    return PassResult(changed=folded > 0, message=f"folded {folded} constant expressions"
-                                                  + (f", kept {skipped} large ones" if skipped else ""))
+    return PassResult(
+        changed=folded > 0,
+        message=f"folded {folded} constant expressions" + (f", kept {skipped} large ones" if skipped else ""),
+    )

@@ -22,7 +22,12 @@ ADD = torch.ops.aten.add.Tensor
 
 
 def _fusable_linear(gm: fx.GraphModule, node) -> bool:
-    if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1 and len(node.args) == 1):
+    if not (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and len(node.users) == 1
+        and len(node.args) == 1
+    ):
         return False
     mod = gm.get_submodule(node.target)
     return type(mod) is LowbitLinear and not mod.residual and mod.act_bits in (8, None)
@@ -34,7 +39,7 @@ def _same_shape(a: fx.Node, b: fx.Node, add: fx.Node) -> bool:
         return False
     vb, vadd = b.meta.get("val"), add.meta.get("val")
     if isinstance(vb, torch.Tensor) and isinstance(vadd, torch.Tensor):
-        return vb.dtype == torch.float32 and tuple(vb.shape) == tuple(vadd.shape)   # symbolic sizes too
+        return vb.dtype == torch.float32 and tuple(vb.shape) == tuple(vadd.shape)  # symbolic sizes too
     return True
 
 
@@ -47,8 +52,12 @@ def fuse_residual(gm: fx.GraphModule, ctx) -> PassResult:
         if node.op != "call_function" or node.target is not ADD or len(node.args) != 2 or node.kwargs:
             continue
         for lin, other in ((node.args[1], node.args[0]), (node.args[0], node.args[1])):
-            if not (_fusable_linear(gm, lin) and isinstance(other, fx.Node) and order[other] < order[lin]
-                    and _same_shape(lin, other, node)):
+            if not (
+                _fusable_linear(gm, lin)
+                and isinstance(other, fx.Node)
+                and order[other] < order[lin]
+                and _same_shape(lin, other, node)
+            ):
                 continue
             gm.get_submodule(lin.target).residual = True
             lin.args = (lin.args[0], other)

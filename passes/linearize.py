@@ -30,8 +30,11 @@ def _transposed_weight(node) -> fx.Node | None:
     if not isinstance(src, fx.Node) or src.op != "get_attr":
         return None
     t = node.target
-    if t is aten.t.default or (t is aten.transpose.int and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0])) \
-            or (t is aten.permute.default and list(node.args[1]) == [1, 0]):
+    if (
+        t is aten.t.default
+        or (t is aten.transpose.int and sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0]))
+        or (t is aten.permute.default and list(node.args[1]) == [1, 0])
+    ):
         return src
     return None
 
@@ -42,7 +45,9 @@ def _owner(weight: fx.Node) -> str:
 
 def _replace(gm, node, x, weight, bias, how: str) -> None:
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(aten.linear.default, (x, weight, bias) if bias is not None else (x, weight))
+        new = gm.graph.call_function(
+            aten.linear.default, (x, weight, bias) if bias is not None else (x, weight)
+        )
     ir.copy_meta(node, new)
     if not new.meta.get(ir.MODULE):
         new.meta[ir.MODULE] = _owner(weight)
@@ -66,11 +71,19 @@ def linearize(gm, ctx) -> PassResult:
             if weight is not None and ir.get_attr_value(gm, weight.target).dim() == 2:
                 _replace(gm, node, x, weight, None, "x @ W.T")
                 done += 1
-            elif isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1 and \
-                    ir.get_attr_value(gm, w.target).dim() == 2:
+            elif (
+                isinstance(w, fx.Node)
+                and w.op == "get_attr"
+                and len(w.users) == 1
+                and ir.get_attr_value(gm, w.target).dim() == 2
+            ):
                 value = ir.get_attr_value(gm, w.target)
-                new_w = insert_get_attr(gm, node, set_constant(gm, _owner(w), w.target.rsplit(".", 1)[-1] + "_t",
-                                                              value.t().contiguous()), _owner(w))
+                new_w = insert_get_attr(
+                    gm,
+                    node,
+                    set_constant(gm, _owner(w), w.target.rsplit(".", 1)[-1] + "_t", value.t().contiguous()),
+                    _owner(w),
+                )
                 _replace(gm, node, x, new_w, None, "x @ W")
                 done += 1
         elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:

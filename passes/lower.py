@@ -2,7 +2,7 @@
 
 For every quantizable node whose decision is not float: a new submodule named after the module
 path ("encoder.blocks.0.mlp.0" -> "encoder_blocks_0_mlp_0", suffixed _1, _2 on clashes) holding
-ctx.state["qweights"][node.name] (computed by quantize; computed here when missing), then:
+the PackedWeights analysis's QuantizedWeight (quantize must run before: lower never quantizes), then:
 - a following relu / gelu (exact) / silu that is the node's only user is fused as the epilogue;
 - weight / bias get_attrs left without users are erased and the fp32 tensors deleted from the module;
 - decision.act_mode == "static" uses StaticLowbitLinear / StaticLowbitConv (fixed input scale
@@ -31,9 +31,10 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
+from fxquant.analysis import CalibrationData, PackedWeights
+from fxquant.errors import ConfigError
 from fxquant.graphutil import fresh_submodule_name
-from fxquant.lowering import (StaticLowbitConv, StaticLowbitLinear, make_op, quantize_node,  # noqa: F401
-                              static_linear)
+from fxquant.lowering import StaticLowbitConv, StaticLowbitLinear, make_op, static_linear  # noqa: F401
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, register_pass
 
@@ -83,7 +84,7 @@ def _drop_second_moments(gm: fx.GraphModule) -> None:
 
 
 def _insert_qdq(gm: fx.GraphModule, ctx) -> int:
-    stats = ctx.state.get("io_stats") or {}
+    stats = ctx.analyses.get(CalibrationData, needed_by="lower{io_qdq=true}").io_stats
     count = 0
     graph = gm.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
@@ -108,23 +109,30 @@ def _insert_qdq(gm: fx.GraphModule, ctx) -> int:
     return count
 
 
-@register_pass(PASS, options=LowerOptions, kind="transform")
+@register_pass(PASS, options=LowerOptions, kind="transform", requires=(PackedWeights,))
 def lower(gm: fx.GraphModule, ctx) -> PassResult:
     """Rewrite decided linear/conv nodes into LowbitLinear / LowbitConv submodules."""
     opts = ctx.options or LowerOptions()
-    qweights = ctx.state.setdefault("qweights", {})
+    qweights = ctx.analyses.get(PackedWeights, needed_by=PASS).weights
     lowered, fused = 0, 0
     for node in list(gm.graph.nodes):
         d = node.meta.get(ir.DECISION)
         if not ir.is_quantizable(node) or d is None or d.weight_bits is None:
             continue
-        if node.name not in qweights:            # lower without quantize before it: quantize here, same rules
-            qweights[node.name] = quantize_node(gm, node)
+        if node.name not in qweights:
+            raise ConfigError(
+                f"lower: node {node.name!r} ({d.label()}) has no packed weight: its decision was "
+                f"made after 'quantize' ran; run 'quantize' after the pass that changed decisions"
+            )
         epi_node = None
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_function" and users[0].target in EPILOGUE_TARGETS:
             u = users[0]
-            if u.target != aten.gelu.default or u.kwargs.get("approximate", "none") == "none" and len(u.args) == 1:
+            if (
+                u.target != aten.gelu.default
+                or u.kwargs.get("approximate", "none") == "none"
+                and len(u.args) == 1
+            ):
                 epi_node = u
         epilogue = EPILOGUE_TARGETS[epi_node.target] if epi_node is not None else None
         op = make_op(gm, node, qweights[node.name], epilogue)
@@ -151,5 +159,8 @@ def lower(gm: fx.GraphModule, ctx) -> PassResult:
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    return PassResult(changed=bool(lowered or qdq), message=f"{lowered} nodes lowered, {fused} epilogues fused"
-                                                            + (f", {qdq} io q/dq pairs" if qdq else ""))
+    return PassResult(
+        changed=bool(lowered or qdq),
+        message=f"{lowered} nodes lowered, {fused} epilogues fused"
+        + (f", {qdq} io q/dq pairs" if qdq else ""),
+    )

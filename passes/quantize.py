@@ -1,7 +1,8 @@
 """quantize (analysis of weights; the graph is unchanged): pack every decided node's weight.
 
+Requires PrecisionPlan (assign-precision); provides PackedWeights (fxquant.analysis).
 For each quantizable node with a non-float meta[ir.DECISION]: a QuantizedWeight (fxquant.formats)
-in ctx.state["qweights"][node.name]; k-means / clip search weighted by the calibrated diag(H);
+in PackedWeights.weights[node.name]; k-means / clip search weighted by the calibrated diag(H);
 rounding "gptq" uses the calibrated H (nodes without H, i.e. grouped convs or K > max_h_dim, fall
 back to nearest rounding, noted in provenance). meta[ir.QUANT_STATS] on every quantizable node:
     {"bytes": packed bytes, "fp32_bytes": 4 * params, "params": N*K, "sqnr_db": output SQNR of the
@@ -30,7 +31,9 @@ import torch
 import torch.fx as fx
 
 from fxquant import ir
-from fxquant.formats import quant_cache, sqnr_db
+from fxquant.analysis import CalibrationData, PackedWeights, PrecisionPlan
+from fxquant.formats import sqnr_db
+from fxquant.quant_cache import quant_cache
 from fxquant.lowering import quant_args, make_op, quantize_node  # noqa: F401 (quantize_node re-exported)
 from fxquant.qweight import QuantizedWeight
 from fxquant.quantizers import nodes as qn
@@ -81,11 +84,13 @@ def output_sqnr(gm: fx.GraphModule, node: fx.Node, qw: QuantizedWeight, x: torch
     return sqnr_db(ref, out)
 
 
-@register_pass(PASS, kind="analysis")
+@register_pass(PASS, kind="analysis", requires=(PrecisionPlan,), provides=(PackedWeights,))
 def quantize(gm: fx.GraphModule, ctx) -> PassResult:
     """Compute QuantizedWeight + QUANT_STATS for every decided node (layers in parallel threads)."""
-    qweights = ctx.state.setdefault("qweights", {})
-    samples = ctx.state.get("calib_samples") or {}
+    ctx.analyses.get(PrecisionPlan, needed_by=PASS)
+    calibration = ctx.analyses.cached(CalibrationData)        # optional: SQNR is None without it
+    samples = calibration.samples if calibration is not None else {}
+    qweights = ctx.analyses.set(PackedWeights()).weights
     cache = quant_cache(ctx)
     todo = []
     for node in gm.graph.nodes:

@@ -30,7 +30,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant import ir
-from fxquant.formats import quant_cache, quantize_weight
+from fxquant.analysis import SensitivityTable
+from fxquant.formats import quantize_weight
+from fxquant.quant_cache import quant_cache
 from fxquant.qweight import dequantize
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, calibration_batches, register_pass
@@ -120,27 +122,30 @@ def run_with_weights(gm: fx.GraphModule, batch: tuple, ref_env: dict, members: l
 def fake_quant(gm: fx.GraphModule, node: fx.Node, decision: ir.QuantDecision, cache=None) -> torch.Tensor:
     """Dequantized weight of a node in a decision's format (round-to-nearest, calibrated diag(H)).
 
-    With the compile's QuantCache (fxquant.formats.quant_cache), the quantize pass reuses the result.
+    With the compile's QuantCache (fxquant.quant_cache), the quantize pass reuses the result.
     """
     w = ir.node_weight(gm, node)
     stats = node.meta.get(ir.ACT_STATS) or {}
-    args = (w, decision.weight_bits, decision.scheme, decision.granularity, decision.group_size, decision.symmetric)
+    d = decision
+    args = (w, d.weight_bits, d.scheme, d.granularity, d.group_size, d.symmetric)
     kwargs = dict(hdiag=stats.get("hdiag"), where=qn.describe(node))
     qw = cache.quantize(*args, **kwargs) if cache is not None else quantize_weight(*args, **kwargs)
     return dequantize(qw).view_as(w)
 
 
-@register_pass("sensitivity", options=SensitivityOptions, kind="analysis")
+@register_pass("sensitivity", options=SensitivityOptions, kind="analysis", provides=(SensitivityTable,))
 def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
     """Measure each candidate format's output error per tie group (only under avg_bits / budget_bytes)."""
     opts = ctx.options or SensitivityOptions()
     config = ctx.config or {}
     mode, _, _ = budget_mode(config)
     if mode is None:
+        ctx.analyses.set(SensitivityTable())
         return PassResult(changed=False, message="skipped: no avg_bits / budget_bytes budget")
     groups = [g for g in plan(gm, config) if g.pinned is None]
     batches = calibration_batches(ctx, opts.max_batches)
     by_name = {n.name: n for n in gm.graph.nodes}
+    table = SensitivityTable()
     readout = config.get("sensitivity_readout") or (lambda out, i: out)
     cache = quant_cache(ctx)
     with torch.no_grad():
@@ -158,13 +163,19 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
             result = {}
             for cand in grp.candidates:
                 new = [fake_quant(gm, m, cand, cache) for m in members]
-                errs = [output_error(r, _tensors(readout(run_with_weights(gm, b, env, members, new), i)), metric)
-                        for i, (r, b, env) in enumerate(zip(refs, batches, envs))]
+                errs = [
+                    output_error(r, _tensors(readout(run_with_weights(gm, b, env, members, new), i)), metric)
+                    for i, (r, b, env) in enumerate(zip(refs, batches, envs))
+                ]
                 result[cand.label()] = sum(errs) / len(errs)
                 done += 1
                 bar.step(done)
             for m in members:
                 m.meta[ir.SENSITIVITY] = dict(result)
-    ctx.state["sensitivity_metric"] = metric
-    return PassResult(changed=False, message=f"{len(groups)} groups x candidates measured ({metric}) "
-                                             f"on {len(batches)} batches")
+                table.errors[m.name] = dict(result)
+    table.metric = metric
+    ctx.analyses.set(table)
+    return PassResult(
+        changed=False,
+        message=f"{len(groups)} groups x candidates measured ({metric}) on {len(batches)} batches",
+    )

@@ -25,10 +25,14 @@ def main() -> None:
         words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
         voice, speed = VOICES[i % len(VOICES)], rng.randint(120, 160)
         with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-g", "8", "-w", raw.name, ", ".join(words)],
-                           check=True)
+            subprocess.run(
+                ["espeak-ng", "-v", voice, "-s", str(speed), "-g", "8", "-w", raw.name, ", ".join(words)],
+                check=True,
+            )
             name = f"demo_{i:02d}.wav"
-            subprocess.run(["sox", raw.name, "-r", "8000", "-b", "16", "-c", "1", str(OUT / name)], check=True)
+            subprocess.run(
+                ["sox", raw.name, "-r", "8000", "-b", "16", "-c", "1", str(OUT / name)], check=True
+            )
         labels.append(f"{name}\t{' '.join(words)}\t{voice}")
     (OUT / "labels.txt").write_text("\n".join(labels) + "\n")
 

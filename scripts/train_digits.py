@@ -105,8 +105,17 @@ def main(argv=None) -> int:
                f"({n_words} words), train time {train_time / 60:.1f} min wall / {cpu_time / 60:.1f} min CPU "
                f"with {args.threads} thread(s)")
     print(summary, flush=True)
-    save_digits_model(model, args.out, meta={"test_wer": test_wer, "train_seconds": train_time, "cpu_seconds": cpu_time,
-                                             "params": n_params, "argv": " ".join(sys.argv[1:])})
+    save_digits_model(
+        model,
+        args.out,
+        meta={
+            "test_wer": test_wer,
+            "train_seconds": train_time,
+            "cpu_seconds": cpu_time,
+            "params": n_params,
+            "argv": " ".join(sys.argv[1:]),
+        },
+    )
     print(f"saved {args.out}", flush=True)
     return 0
 

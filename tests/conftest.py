@@ -16,6 +16,30 @@ def shared_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+# Real checkpoints on real recordings, end to end (10-50 s each on 2 busy cores): the `slow` tier, which CI
+# runs (`python -m pytest -q`) and `-m "not slow"` skips. Listed here rather than in their files while the
+# ASR / model work streams edit those files; each can move to a @pytest.mark.slow in its file.
+SLOW_REAL_DATA = {
+    "tests/fxquant/asr/test_evaluation.py::test_two_real_clips",
+    "tests/fxquant/asr/test_transcriber.py::test_long_audio_is_cut_into_windows",
+    "tests/fxquant/asr/test_transcriber.py::test_fallback_retries_unlikely_windows",
+    "tests/fxquant/asr/test_cli.py::test_transcribe_tsv_and_json",
+    "tests/fxquant/asr/test_decoding.py::test_real_tiny_en_transcribes_lj_speech",
+    "tests/fxquant/models/test_digits.py::test_wer_on_test_strings",
+    "tests/fxquant/models/test_whisper_ct2.py::test_tiny_en_greedy_tokens_match_ctranslate2",
+    "tests/fxquant/models/test_bcresnet.py::test_accuracy_on_fsdd_test_split",
+    "tests/fxquant/models/test_bcresnet.py::test_feature_cache_file",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark SLOW_REAL_DATA slow before `-m "not slow"` deselects by marker."""
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_REAL_DATA:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

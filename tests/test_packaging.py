@@ -1,4 +1,5 @@
-"""pyproject lists every package, so a regular `pip install .` ships all of fxquant (.ci/run installs the wheel)."""
+"""pyproject lists every package, so a plain `pip install .` ships all of fxquant (.ci/run tests it)."""
+
 from __future__ import annotations
 
 import tomllib
@@ -13,10 +14,15 @@ def _config() -> dict:
 
 def test_every_folder_with_an_init_is_a_listed_package():
     config = _config()
-    on_disk = {".".join((pkg, *init.parent.relative_to(ROOT / folder).parts))
-               for pkg, folder in config["package-dir"].items() for init in (ROOT / folder).rglob("__init__.py")}
+    on_disk = {
+        ".".join((pkg, *init.parent.relative_to(ROOT / folder).parts))
+        for pkg, folder in config["package-dir"].items()
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
     listed = set(config["packages"])
-    assert on_disk - listed == set(), f"missing from pyproject's [tool.setuptools] packages: {sorted(on_disk - listed)}"
+    assert on_disk - listed == set(), (
+        f"missing from pyproject's [tool.setuptools] packages: {sorted(on_disk - listed)}"
+    )
     assert {"fxquant.quantizers", "fxquant.models", "fxquant.passes", "fxquant.codegen"} <= listed
 
 

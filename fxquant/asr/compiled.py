@@ -219,8 +219,13 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     import fxquant
     from fxquant.codegen import cache_dir
 
+    from .data import calibration_recipe
+
     key_src = json.dumps({"name": ckpt.name, "fingerprint": _fingerprint(ckpt), "precision":
                           precision_key(bits, avg_bits), "version": fxquant.__version__})
+    recipe = calibration_recipe()
+    if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
+        key_src += recipe
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = Path(cache) if cache else Path(cache_dir()) / "whisper"
     folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"

@@ -33,11 +33,11 @@ def test_a_build_records_the_library_hash(tmp_path):
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
     lib = _build(tmp_path)
     good = lib.read_bytes()
-    if damage == "replaced":  # another valid kernel under this key: it would load silently and corrupt the heap
+    if damage == "replaced":  # another valid kernel under this key: it would load silently and corrupt memory
         other = _build(tmp_path / "other", OTHER)
         lib.write_bytes(other.read_bytes())
     elif damage == "truncated":
-        lib.write_bytes(good[:len(good) // 3])
+        lib.write_bytes(good[: len(good) // 3])
     elif damage == "emptied":
         lib.write_bytes(b"")
     else:

@@ -21,17 +21,19 @@ def make_conv(cin, cout, ks, stride, padding, dilation, groups, act_bits=8, epil
     k = cin // groups * math.prod(ks)
     qw = make_qweight(cout, k, bits, 32 if k > 32 else None, "sym")
     b = torch.randn(cout) if bias else None
-    return LowbitConv(qw, b, (cout, cin // groups, *ks), stride, padding, dilation, groups, act_bits, epilogue)
+    return LowbitConv(
+        qw, b, (cout, cin // groups, *ks), stride, padding, dilation, groups, act_bits, epilogue
+    )
 
 
 CONVS = [  # (cin, cout, kernel, stride, padding, dilation, groups, act_bits, epilogue, input shape)
-    (8, 13, (3,), (2,), (1,), (1,), 1, 8, "gelu", (2, 8, 31)),         # whisper conv2 style
+    (8, 13, (3,), (2,), (1,), (1,), 1, 8, "gelu", (2, 8, 31)),  # whisper conv2 style
     (8, 13, (3,), (1,), (1,), (1,), 1, None, None, (1, 8, 20)),
     (6, 10, (3, 3), (1, 1), (1, 1), (1, 1), 1, 8, "relu", (2, 6, 9, 7)),
     (16, 16, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, None, (1, 16, 5, 6)),  # 1x1: no unfold
     (12, 12, (1, 3), (1, 1), (0, 2), (1, 2), 12, None, "silu", (2, 12, 5, 11)),  # bcresnet depthwise
     (8, 8, (3, 1), (2, 1), (1, 0), (1, 1), 8, None, None, (1, 8, 10, 4)),
-    (8, 12, (3,), (1,), (2,), (2,), 2, None, "relu", (2, 8, 17)),      # grouped conv1d
+    (8, 12, (3,), (1,), (2,), (2,), 2, None, "relu", (2, 8, 17)),  # grouped conv1d
 ]
 
 

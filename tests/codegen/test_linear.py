@@ -19,14 +19,18 @@ AVX512_CASES = (
     + [(13, 70, b, 32, "row_cb", True, None, 8) for b in (2, 3, 4)]
     + [(21, 100, 4, 32, "group_cb", False, None, 8), (17, 96, 8, 32, "row_cb", False, None, None)]
     + [(13, 70, 4, 32, "sym", True, e, 8) for e in ("relu", "gelu", "silu")]
-    + [(13, 70, b, 32, f, True, "gelu", None) for b, f in ((2, "sym"), (4, "asym"), (3, "row_cb"), (8, "sym"))]
+    + [
+        (13, 70, b, 32, f, True, "gelu", None)
+        for b, f in ((2, "sym"), (4, "asym"), (3, "row_cb"), (8, "sym"))
+    ]
 )
-PORTABLE_CASES = (
-    [(13, 70, b, 32, "sym", True, None, 8) for b in (2, 3, 4, 5, 8)]
-    + [(13, 100, 4, None, "asym", False, "silu", 8), (13, 70, 6, 32, "row_cb", True, "relu", 8),
-       (21, 100, 4, 32, "group_cb", False, None, 8), (20, 70, 8, 32, "row_cb", False, None, 8),
-       (13, 70, 4, 64, "asym", True, "gelu", None)]
-)
+PORTABLE_CASES = [(13, 70, b, 32, "sym", True, None, 8) for b in (2, 3, 4, 5, 8)] + [
+    (13, 100, 4, None, "asym", False, "silu", 8),
+    (13, 70, 6, 32, "row_cb", True, "relu", 8),
+    (21, 100, 4, 32, "group_cb", False, None, 8),
+    (20, 70, 8, 32, "row_cb", False, None, 8),
+    (13, 70, 4, 64, "asym", True, "gelu", None),
+]
 
 
 def _check(target, case, ms=MS):
@@ -56,8 +60,15 @@ def test_avx2_linear(case):
 
 
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize("case", [(40, 64, 4, 64, "sym", True, "gelu", 8), (13, 100, 2, None, "asym", False, None, 8),
-                                  (19, 64, 3, 32, "row_cb", True, None, None)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (40, 64, 4, 64, "sym", True, "gelu", 8),
+        (13, 100, 2, None, "asym", False, None, 8),
+        (19, 64, 3, 32, "row_cb", True, None, None),
+    ],
+    ids=str,
+)
 def test_large_m(target, case):
     """M=1500 (the encoder's frame count): blocked path, and the M split when N has few row blocks."""
     _check(target, case, ms=(1500,))
@@ -100,8 +111,14 @@ def test_epilogue_functions_over_a_wide_range(target, epilogue):
     from fxquant.ops import EPILOGUES
 
     op = make_linear(96, 32, 8, None, "sym", True, epilogue, 8)
-    op.bias = torch.cat([torch.linspace(-30, 30, 80), torch.tensor([0.0, -1e-6, 1e-6, -0.5, 0.5, 1.0, -1.0, 3.0,
-                                                                    -3.0, 6.0, -6.0, 12.0, -12.0, 88.0, -88.0, 1e-3])])
+    op.bias = torch.cat(
+        [
+            torch.linspace(-30, 30, 80),
+            torch.tensor(
+                [0.0, -1e-6, 1e-6, -0.5, 0.5, 1.0, -1.0, 3.0, -3.0, 6.0, -6.0, 12.0, -12.0, 88.0, -88.0, 1e-3]
+            ),
+        ]
+    )
     kern = compile_op(op, target)
     y = kern(torch.zeros(3, 32))
     want = EPILOGUES[epilogue](op.bias)[None].expand(3, -1)
@@ -109,8 +126,15 @@ def test_epilogue_functions_over_a_wide_range(target, epilogue):
 
 
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize("case", [(40, 64, 4, 32, "sym", True, None, 8), (24, 70, 3, None, "row_cb", False, "gelu", 8),
-                                  (19, 96, 4, 32, "asym", True, None, None)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (40, 64, 4, 32, "sym", True, None, 8),
+        (24, 70, 3, None, "row_cb", False, "gelu", 8),
+        (19, 96, 4, 32, "asym", True, None, None),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("fusion", ["ln", "res", "ln+res"])
 def test_fused_layernorm_and_residual(target, case, fusion):
     """LayerNorm prologue (float64 statistics) and residual add inside the kernel vs op.reference."""
@@ -118,12 +142,14 @@ def test_fused_layernorm_and_residual(target, case, fusion):
     op = make_linear(n, k, bits, group, fmt, bias, epi, act)
     gen = torch.Generator().manual_seed(3)
     if "ln" in fusion:
-        op.fuse_layer_norm(torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) if bias else None, 1e-5)
+        op.fuse_layer_norm(
+            torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) if bias else None, 1e-5
+        )
     op.residual = "res" in fusion
     kern = compile_op(op, target)
     assert ("_ln" in kern.name) == ("ln" in fusion) and ("_res" in kern.name) == ("res" in fusion)
     for m in (1, 3, 61, 1500):
-        x = make_input(m, k, seed=m) * 3 + 1                            # rows with a mean and a scale to remove
+        x = make_input(m, k, seed=m) * 3 + 1  # rows with a mean and a scale to remove
         res = torch.randn(m, n, generator=gen) if op.residual else None
         y = kern(x, residual=res)
         assert_close(y, op.reference(x, res), f"{kern.name} {fusion} M={m}")

@@ -85,8 +85,10 @@ def test_the_fallback_is_the_fp32_op_on_the_dequantized_weights():
     torch.testing.assert_close(Float32Fallback(conv)(xc), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel_ms, fp32_ms, slower", [(5.3, 1.1, True), (1.05, 1.0, False), (0.012, 0.008, False),
-                                                        (0.030, 0.010, True), (0.5, 0.9, False)])
+@pytest.mark.parametrize(
+    "kernel_ms, fp32_ms, slower",
+    [(5.3, 1.1, True), (1.05, 1.0, False), (0.012, 0.008, False), (0.030, 0.010, True), (0.5, 0.9, False)],
+)
 def test_the_kernel_must_be_clearly_slower_to_be_replaced(kernel_ms, fp32_ms, slower):
     assert slower_kernel(kernel_ms, fp32_ms) is slower
 
@@ -99,24 +101,28 @@ def test_decide_times_both_and_keeps_the_faster():
     assert timing.choice == "torch" and timing.kernel_ms > 3.0 and timing.torch_ms < 3.0
     assert isinstance(fallback, Float32Fallback) and name == "torch-fp32"
     assert timing.label(name).startswith("kernel ") and " > fp32 " in timing.label(name)
-    assert op.kernel is None                           # decide leaves the op as it found it
+    assert op.kernel is None  # decide leaves the op as it found it
     att = FusedAttention(head_dim=16)
     q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 30, 16)
-    timing, fallback, name = decide(att, SlowKernel(fxquant.codegen.attention_kernel(16, "native")), (q, kv, kv), {})
+    timing, fallback, name = decide(
+        att, SlowKernel(fxquant.codegen.attention_kernel(16, "native")), (q, kv, kv), {}
+    )
     assert timing.choice == "torch" and fallback is None and name == "torch-sdpa"
 
 
 def test_codegen_keeps_torch_where_the_kernel_is_slower(slow_layer, tmp_path):
     model, x = TwoLayers().eval(), torch.randn(3, 64)
-    cm = fxquant.compile_lowbit(model, (x,), bits=8)   # default pipeline: codegen{never_slower=true}
+    cm = fxquant.compile_lowbit(model, (x,), bits=8)  # default pipeline: codegen{never_slower=true}
     ops = _ops(cm)
     slow = next(op for op in ops.values() if op.codes.shape[0] == SLOW_OUT)
     assert slow.backend.startswith("torch-fp32 (kernel ") and " > fp32 " in slow.backend, slow.backend
     assert isinstance(slow.kernel, Float32Fallback) and slow.kernel_choice == "torch"
     rows = {r["module"]: r["backend"] for r in cm.report_rows()}
-    assert rows["slow"] == slow.backend                # the report shows the choice and both timings
+    assert rows["slow"] == slow.backend  # the report shows the choice and both timings
     fast = next(op for op in ops.values() if op.codes.shape[0] != SLOW_OUT)
-    assert " ms " in fast.backend and "fp32" in fast.backend  # timed too: "c:avx512 (kernel .. ms <= fp32 .. ms)"
+    assert (
+        " ms " in fast.backend and "fp32" in fast.backend
+    )  # timed too: "c:avx512 (kernel .. ms <= fp32 .. ms)"
     with torch.no_grad():
         h = torch.relu(fast(x))
         want = F.linear(h, dequantize(slow.qweight), slow.bias)
@@ -132,6 +138,8 @@ def test_never_slower_false_keeps_every_kernel(slow_layer):
     model, x = TwoLayers().eval(), torch.randn(3, 64)
     pipe = fxquant.default_pipeline("native").replace(",codegen", ",codegen{never_slower=false}")
     cm = fxquant.compile_lowbit(model, (x,), bits=8, passes=pipe)
-    assert all(op.backend.startswith("c:") and isinstance(op.kernel, (SlowKernel, fxquant.codegen.LinearKernel))
-               for op in _ops(cm).values())
+    assert all(
+        op.backend.startswith("c:") and isinstance(op.kernel, (SlowKernel, fxquant.codegen.LinearKernel))
+        for op in _ops(cm).values()
+    )
     assert not any("kernel_choice" in vars(op) for op in _ops(cm).values())

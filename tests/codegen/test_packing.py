@@ -32,18 +32,22 @@ def _reference_avx512_codes(codes: torch.Tensor, bits: int, gs: int) -> list[int
                     if width == 8:
                         out += v[0] + v[1] + v[2] + v[3]
                     elif width == 4:
-                        out += [a | (c << 4) for a, c in zip(v[0], v[1])] + [a | (c << 4) for a, c in zip(v[2], v[3])]
+                        out += [a | (c << 4) for a, c in zip(v[0], v[1])] + [
+                            a | (c << 4) for a, c in zip(v[2], v[3])
+                        ]
                     elif width == 2:
                         out += [v[0][j] | v[1][j] << 2 | v[2][j] << 4 | v[3][j] << 6 for j in range(64)]
                     else:
-                        out += [sum(v[q][8 * j + t] << t for t in range(8)) for q in range(4) for j in range(8)]
+                        out += [
+                            sum(v[q][8 * j + t] << t for t in range(8)) for q in range(4) for j in range(8)
+                        ]
                     shift += width
     return out
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_avx512_layout_matches_reference_and_unpacks(bits):
-    qw = quantize_weight(torch.randn(20, 40), bits, "uniform", "group", 24)   # ragged rows, groups and K
+    qw = quantize_weight(torch.randn(20, 40), bits, "uniform", "group", 24)  # ragged rows, groups and K
     packed = pack_avx512(qw)
     assert packed.codes.tolist() == _reference_avx512_codes(qw.codes, bits, 24)
     assert torch.equal(unpack_avx512(packed.codes, (20, 40), bits, 24), qw.codes)

@@ -20,10 +20,20 @@ def test_avx512_source_is_specialized():
     qw = make_qweight(13, 70, 4, 32)
     name, src = render_linear(qw, "avx512", has_bias=True, epilogue="gelu", act_bits=8)
     assert name == "linear_avx512_w4g32"
-    for line in ("#define FX_N 13", "#define FX_K 70", "#define FX_GS 32", "#define FX_G 3", "#define FX_GSP 32",
-                 "#define FX_NB 1", "static const int8_t FX_LEVELS[1][FX_L] = {", SYM4,
-                 "_mm512_permutexvar_epi8", "_mm512_dpbusd_epi32", "r = fx_gelu16(r)",
-                 "_mm512_maskz_loadu_ps(k, bias + n0)"):
+    for line in (
+        "#define FX_N 13",
+        "#define FX_K 70",
+        "#define FX_GS 32",
+        "#define FX_G 3",
+        "#define FX_GSP 32",
+        "#define FX_NB 1",
+        "static const int8_t FX_LEVELS[1][FX_L] = {",
+        SYM4,
+        "_mm512_permutexvar_epi8",
+        "_mm512_dpbusd_epi32",
+        "r = fx_gelu16(r)",
+        "_mm512_maskz_loadu_ps(k, bias + n0)",
+    ):
         assert line in src, line
     assert "_mm512_shuffle_epi8" not in src  # 2/4-bit shared tables: mask-free 64-entry vpermb
     src3 = render_linear(make_qweight(13, 70, 3, 64), "avx512", False, None, 8)[1]
@@ -38,7 +48,7 @@ def test_portable_and_f32_sources():
     qw = make_qweight(13, 70, 3, None, "asym")
     name, src = render_linear(qw, "portable", False, "relu", 8)
     assert name == "linear_portable_w3gc" and "#define FX_GS 70" in src and "#define FX_G 1" in src
-    assert f"static const int8_t FX_LEVELS[8][FX_L]" in src and "{ 0, 1, 2, 3, 4, 5, 6, 7 }" in src
+    assert "static const int8_t FX_LEVELS[8][FX_L]" in src and "{ 0, 1, 2, 3, 4, 5, 6, 7 }" in src
     assert "tidx[" in src and "v > 0.0f ? v : 0.0f" in src
     name, src = render_linear(make_qweight(13, 70, 4, 32), "portable", True, None, None)
     assert name == "linear_portable_w4g32_f32" and "fp32 activations" in src
@@ -53,7 +63,9 @@ def test_big_tables_and_weights_are_blobs_not_literals():
 
 def test_conv_source():
     qw = make_qweight(12, 3, 4, None)
-    src = render_conv_grouped("conv_portable_g12_w4", qw, (12, 1, 1, 3), (1, 1), (0, 2), (1, 2), 12, True, "silu")
+    src = render_conv_grouped(
+        "conv_portable_g12_w4", qw, (12, 1, 1, 3), (1, 1), (0, 2), (1, 2), 12, True, "silu"
+    )
     for line in ("#define FX_CIN 12", "#define FX_KW 3", "float acc = bias[co];", "fx_silu(v)"):
         assert line in src, line
 

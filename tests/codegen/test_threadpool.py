@@ -1,5 +1,7 @@
 """The shared thread pool: every chunk runs once, the caller works too, helpers join, a stalled helper turns
-the pool off for a while, concurrent callers, fork, and kernels that give the same bits at 1, 2 and 3 threads."""
+the pool off for a while, concurrent callers, fork, and kernels that give the same bits at 1, 2 and 3
+threads."""
+
 from __future__ import annotations
 
 import ctypes
@@ -44,7 +46,9 @@ void run(int32_t *who, int64_t n, int nt, int64_t caller_us, int64_t helper_us) 
 @pytest.fixture(scope="module")
 def probe():
     src = environment().from_string(PROBE).render()
-    lib = threadpool.bind(build_library(src, "test_pool_probe", ("-O2", "-fPIC", "-shared", "-pthread", "-std=gnu11")))
+    lib = threadpool.bind(
+        build_library(src, "test_pool_probe", ("-O2", "-fPIC", "-shared", "-pthread", "-std=gnu11"))
+    )
     lib.run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     lib.run.restype = None
 
@@ -74,9 +78,9 @@ def _delta(before: dict) -> dict:
 def test_every_chunk_runs_exactly_once_and_helpers_join(probe, no_solo):
     before = threadpool.pool_stats()
     who = probe(40, nt=2, caller_us=300, helper_us=300)
-    assert all(w in (1, 1000) for w in who), who          # once each, by the caller or a helper
-    assert who.count(1) >= 1                              # the caller always works
-    assert who.count(1000) >= 1                           # 12 ms of work: the helper woke up and took some
+    assert all(w in (1, 1000) for w in who), who  # once each, by the caller or a helper
+    assert who.count(1) >= 1  # the caller always works
+    assert who.count(1000) >= 1  # 12 ms of work: the helper woke up and took some
     d = _delta(before)
     assert d["jobs"] == 1 and d["caller_chunks"] + d["helper_chunks"] == 40
     assert threadpool.pool_stats()["helpers"] >= 1
@@ -98,7 +102,7 @@ def test_a_stalled_helper_switches_to_solo_for_a_while(probe):
         d = _delta(before)
         assert d["stalls"] == 1 and d["wait_ns"] > 20_000_000
         assert threadpool.pool_stats()["solo_now"] == 1
-        assert probe(30, nt=2) == [1] * 30                    # back-off: the caller runs everything
+        assert probe(30, nt=2) == [1] * 30  # back-off: the caller runs everything
         assert _delta(before)["serial_solo"] == 1
     finally:
         threadpool.configure(stall_us=200, backoff_ms=(20, 1000))
@@ -131,12 +135,12 @@ def test_kernel_threads_overrides_torchs_count_for_this_thread_only(no_solo):
     k, x = compile_op(make_linear(1024, 1024, 4, 64), "native"), make_input(64, 1024)
     before = threadpool.pool_stats()
     with threadpool.kernel_threads(1):
-        _at_threads(lambda: k(x), 2)                      # torch says 2, the kernels use 1
+        _at_threads(lambda: k(x), 2)  # torch says 2, the kernels use 1
     assert _delta(before)["jobs"] == 0
     with threadpool.kernel_threads(2):
         assert threadpool.num_threads() == 2
-        _at_threads(lambda: k(x), 1)                      # torch's ops on one thread, the kernels on two
-        with ThreadPoolExecutor(1) as ex:                 # another thread keeps torch's count
+        _at_threads(lambda: k(x), 1)  # torch's ops on one thread, the kernels on two
+        with ThreadPoolExecutor(1) as ex:  # another thread keeps torch's count
             assert ex.submit(threadpool.num_threads).result() == torch.get_num_threads()
     assert _delta(before)["jobs"] == 1
     assert threadpool.num_threads() == torch.get_num_threads()
@@ -171,6 +175,7 @@ def test_wait_policy_follows_omp_wait_policy_and_fxquant_spin_us():
 
 def test_kernels_and_pool_speak_one_runtime_abi():
     from fxquant.codegen.render import TEMPLATES
+
     for name in ("_runtime.c.j2", "threadpool.c.j2"):
         assert f"#define FX_RUNTIME_ABI {threadpool.RUNTIME_ABI}\n" in (TEMPLATES / name).read_text(), name
 
@@ -195,10 +200,10 @@ def _at_threads(fn, threads: int):
 
 
 LINEAR_CASES = [  # (target, n, k, m, bits, fmt, act_bits, fuse LayerNorm + residual)
-    ("avx512", 256, 512, 1, 4, "sym", 8, False),       # small decode GEMV: one thread by design
-    ("avx512", 4096, 2048, 1, 4, "asym", 8, True),     # GEMV split over row blocks
+    ("avx512", 256, 512, 1, 4, "sym", 8, False),  # small decode GEMV: one thread by design
+    ("avx512", 4096, 2048, 1, 4, "asym", 8, True),  # GEMV split over row blocks
     ("avx512", 640, 1024, 13, 4, "row_cb", 8, False),  # small-M matrix-vector path (8.5M MACs)
-    ("avx512", 200, 384, 700, 8, "sym", 8, True),      # large M: prep chunks + tiles in one job
+    ("avx512", 200, 384, 700, 8, "sym", 8, True),  # large M: prep chunks + tiles in one job
     ("portable", 96, 200, 300, 4, "asym", 8, True),
     ("portable", 96, 200, 300, 3, "row_cb", None, True),
 ]
@@ -240,8 +245,10 @@ def test_grouped_conv_and_attention_give_the_same_bits_at_1_2_and_3_threads(targ
 def test_kernels_called_from_two_python_threads_at_once(target, no_solo):
     big = make_linear(1024, 1024, 4, 64, "sym", True, None, 8)
     wide = make_linear(512, 256, 8, 64, "asym", False, "relu", 8)
-    kernels = [(compile_op(big, target), make_input(40, 1024, seed=1)),
-               (compile_op(wide, target), make_input(200, 256, seed=2))]
+    kernels = [
+        (compile_op(big, target), make_input(40, 1024, seed=1)),
+        (compile_op(wide, target), make_input(200, 256, seed=2)),
+    ]
     expected = [k(x) for k, x in kernels]
     before = threadpool.pool_stats()
 
@@ -252,18 +259,23 @@ def test_kernels_called_from_two_python_threads_at_once(target, no_solo):
     with ThreadPoolExecutor(2) as ex:
         assert all(ex.map(hammer, range(4)))
     d = _delta(before)
-    assert d["jobs"] + d["serial_busy"] == 60  # every call went to the pool or, while it was busy, ran serially
+    assert (
+        d["jobs"] + d["serial_busy"] == 60
+    )  # every call went to the pool or, while it was busy, ran serially
 
 
 def test_omp_num_threads_one_keeps_the_pool_idle():
-    code = ("import torch; from fxquant.codegen import compile_op, threadpool; "
-            "from tests.codegen.codegen_cases import make_linear, make_input; "
-            "k = compile_op(make_linear(1024, 1024, 4, 64), 'native'); k(make_input(64, 1024)); "
-            "print(torch.get_num_threads(), threadpool.pool_stats()['jobs'])")
+    code = (
+        "import torch; from fxquant.codegen import compile_op, threadpool; "
+        "from tests.codegen.codegen_cases import make_linear, make_input; "
+        "k = compile_op(make_linear(1024, 1024, 4, 64), 'native'); k(make_input(64, 1024)); "
+        "print(torch.get_num_threads(), threadpool.pool_stats()['jobs'])"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "0"]
 
@@ -278,7 +290,7 @@ def _child(conn, k, x):
 def test_a_forked_child_restarts_its_helpers(no_solo):
     op = make_linear(1024, 1024, 4, 64, "sym", True, None, 8)
     k, x = compile_op(op, "native"), make_input(64, 1024)
-    want = _at_threads(lambda: k(x), 2)                   # helpers exist in the parent
+    want = _at_threads(lambda: k(x), 2)  # helpers exist in the parent
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_child, args=(child, k, x))

@@ -11,7 +11,9 @@ class ConformerBlock(nn.Module):
 
     def __init__(self, d: int = 64, heads: int = 4, kernel: int = 15):
         super().__init__()
-        self.ff1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(0.1), nn.Linear(4 * d, d))
+        self.ff1 = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(0.1), nn.Linear(4 * d, d)
+        )
         self.attn_ln = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
         self.conv_ln = nn.LayerNorm(d)
@@ -19,7 +21,9 @@ class ConformerBlock(nn.Module):
         self.dw = nn.Conv1d(d, d, kernel, padding=kernel // 2, groups=d)
         self.bn = nn.BatchNorm1d(d)
         self.pw2 = nn.Conv1d(d, d, 1)
-        self.ff2 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(0.1), nn.Linear(4 * d, d))
+        self.ff2 = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(0.1), nn.Linear(4 * d, d)
+        )
         self.out_ln = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,15 +62,21 @@ def test_hygiene_passes_match_eager(name):
 def test_default_pipeline_w8a8_stays_close(name):
     model, inputs = cases()[name]
     target = "native" if name in ("kws-cnn", "whisper-encoder") else "reference"
-    cm = fxquant.compile_lowbit(model, inputs, target=target,  # kernels wanted (never_slower off)
-                                passes=fxquant.default_pipeline(target).replace(",codegen", ",codegen{never_slower=false}"))
+    cm = fxquant.compile_lowbit(
+        model,
+        inputs,
+        target=target,  # kernels wanted (never_slower off)
+        passes=fxquant.default_pipeline(target).replace(",codegen", ",codegen{never_slower=false}"),
+    )
     with torch.no_grad():
         ref, out = _flat(model(*inputs)), _flat(cm(*inputs))
     assert sqnr_db(ref, out) > 25.0
     rows = cm.report_rows()
     assert rows and all(r["format"].startswith("W8") or r["format"] == "float" for r in rows)
     if target == "native":
-        assert {r["backend"] for r in rows if r["format"] != "float"} == {f"c:{fxquant.codegen.detect_host().name}"}
+        assert {r["backend"] for r in rows if r["format"] != "float"} == {
+            f"c:{fxquant.codegen.detect_host().name}"
+        }
 
 
 def test_bcresnet_from_shared_weights(shared):
@@ -80,7 +86,13 @@ def test_bcresnet_from_shared_weights(shared):
     x = torch.randn(4, 1, 40, 32)
     cm = fxquant.compile_lowbit(model, (x,), passes=HYGIENE)
     torch.testing.assert_close(cm(x), model(x), rtol=1e-4, atol=1e-4)
-    folded = [n for n in cm.graph_module.graph.nodes if any("fold-bn: folded" in p for p in n.meta.get("fxq_provenance", ()))]
+    folded = [
+        n
+        for n in cm.graph_module.graph.nodes
+        if any("fold-bn: folded" in p for p in n.meta.get("fxq_provenance", ()))
+    ]
     kept = [n for n in cm.graph_module.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
-    assert len(folded) >= 10                      # every conv -> BatchNorm pair
-    assert kept and all(any("not folded" in p for p in n.meta["fxq_provenance"]) for n in kept)  # SubSpectralNorm
+    assert len(folded) >= 10  # every conv -> BatchNorm pair
+    assert kept and all(
+        any("not folded" in p for p in n.meta["fxq_provenance"]) for n in kept
+    )  # SubSpectralNorm

@@ -14,20 +14,26 @@ HYGIENE = "cleanup,fold-bn,const-fold,propagate-shapes"
 X = torch.randn(2, 1, 10, 10)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"bits": 5}, "bits must be one of (8, 4, 3, 2)"),
-    ({"bits": 4, "avg_bits": 3.0}, "give one of bits, avg_bits or budget_bytes, not bits and avg_bits"),
-    ({"avg_bits": 0.5}, "avg_bits must be a number in (1, 32]"),
-    ({"budget_bytes": -3}, "budget_bytes must be a positive integer"),
-    ({"scheme": "lut"}, "scheme must be one of"),
-    ({"rules": [("fc1", 4)]}, "rules must be a dict"),
-    ({"calibration": []}, "calibration is empty"),
-    ({"calibration": torch.randn(3)}, "not a single tensor"),
-    ({"calibration": ["text"]}, "calibration items must be tensors or tuples"),
-    ({"target": 3}, "target must be a string"),
-    ({"bitz": 4}, "unknown option 'bitz' (did you mean 'bits'?)"),
-    ({"submodules": ["decoder"]}, "submodules pattern 'decoder' matches no module; top-level modules are: conv, fc1, fc2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"bits": 5}, "bits must be one of (8, 4, 3, 2)"),
+        ({"bits": 4, "avg_bits": 3.0}, "give one of bits, avg_bits or budget_bytes, not bits and avg_bits"),
+        ({"avg_bits": 0.5}, "avg_bits must be a number in (1, 32]"),
+        ({"budget_bytes": -3}, "budget_bytes must be a positive integer"),
+        ({"scheme": "lut"}, "scheme must be one of"),
+        ({"rules": [("fc1", 4)]}, "rules must be a dict"),
+        ({"calibration": []}, "calibration is empty"),
+        ({"calibration": torch.randn(3)}, "not a single tensor"),
+        ({"calibration": ["text"]}, "calibration items must be tensors or tuples"),
+        ({"target": 3}, "target must be a string"),
+        ({"bitz": 4}, "unknown option 'bitz' (did you mean 'bits'?)"),
+        (
+            {"submodules": ["decoder"]},
+            "submodules pattern 'decoder' matches no module; top-level modules are: conv, fc1, fc2",
+        ),
+    ],
+)
 def test_bad_options_are_clear_errors(kwargs, needle):
     with pytest.raises(fxquant.ConfigError) as info:
         fxquant.compile_lowbit(KeywordCNN().eval(), (X,), passes=HYGIENE, **kwargs)
@@ -55,12 +61,18 @@ def test_report_lists_weight_nodes_and_pass_timings():
     cm = fxquant.compile_lowbit(KeywordCNN().eval(), (X,), passes=HYGIENE)
     rows = cm.report_rows()
     assert [(r["module"], r["op"], r["weight"], r["format"]) for r in rows] == [
-        ("conv", "conv2d", "9->16", "float"), ("fc1", "linear", "1600->128", "float"),
-        ("fc2", "linear", "128->10", "float")]
+        ("conv", "conv2d", "9->16", "float"),
+        ("fc1", "linear", "1600->128", "float"),
+        ("fc2", "linear", "128->10", "float"),
+    ]
     text = cm.report(passes=True)
     assert "average weight bits 32.00 over 3 weight nodes" in text
     assert "propagate-shapes" in text and "recorded shapes" in text
-    assert cm.summary()["model_bytes"] == cm.summary()["fp32_bytes"] == 4 * sum(p.numel() for p in KeywordCNN().parameters())
+    assert (
+        cm.summary()["model_bytes"]
+        == cm.summary()["fp32_bytes"]
+        == 4 * sum(p.numel() for p in KeywordCNN().parameters())
+    )
 
 
 class Looping(nn.Module):
@@ -74,7 +86,7 @@ class Looping(nn.Module):
     def forward(self, x):
         h = self.encoder(x)
         steps = 0
-        while h.norm() > 1.0 and steps < 20:   # untraceable: depends on values
+        while h.norm() > 1.0 and steps < 20:  # untraceable: depends on values
             h = self.step(h) * 0.5
             steps += 1
         return h
@@ -85,7 +97,9 @@ def test_submodules_compile_separately_and_the_python_loop_still_runs(tmp_path):
     x = torch.randn(3, 8)
     with pytest.raises(fxquant.CaptureError):
         fxquant.capture(model, (x,))
-    cm = fxquant.compile_lowbit(model, (x,), passes=HYGIENE, submodules=["encoder", "ste*"], dump_dir=tmp_path)
+    cm = fxquant.compile_lowbit(
+        model, (x,), passes=HYGIENE, submodules=["encoder", "ste*"], dump_dir=tmp_path
+    )
     assert sorted(cm.compiled) == ["encoder", "step"]
     assert isinstance(cm.encoder, fxquant.CompiledModule)
     torch.testing.assert_close(cm(x), model(x))
@@ -94,8 +108,9 @@ def test_submodules_compile_separately_and_the_python_loop_still_runs(tmp_path):
 
 
 def test_nested_submodule_patterns_keep_the_outermost():
-    cm = fxquant.compile_lowbit(Looping().eval(), (torch.randn(3, 8),), passes=HYGIENE,
-                                submodules=["encoder", "encoder.*"])
+    cm = fxquant.compile_lowbit(
+        Looping().eval(), (torch.randn(3, 8),), passes=HYGIENE, submodules=["encoder", "encoder.*"]
+    )
     assert cm.compiled_names == ["encoder"]
 
 

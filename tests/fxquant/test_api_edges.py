@@ -19,20 +19,26 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"act_mode": "x"}, "act_mode must be 'dynamic' or 'static', got 'x'"),
-    ({"symmetric": "no"}, "symmetric must be True or False, got 'no'"),
-    ({"group_size": 0}, "group_size must be a positive integer"),
-    ({"group_size": True}, "group_size must be a positive integer"),
-    ({"target": "bogus"}, "target must be one of ('native', 'avx512', 'avx2', 'portable', 'reference'), got 'bogus'"),
-    ({"act_bits": 4}, "act_bits must be 8 or None"),
-    ({"dump_mode": "some"}, "dump_mode must be 'all', 'changed' or 'failure'"),
-    ({"capture_method": "jit"}, "capture_method must be 'auto', 'export' or 'symbolic'"),
-    ({"max_calibration": 0}, "max_calibration must be a positive integer"),
-    ({"depthwise_bits": 5}, "depthwise_bits must be None or one of (8, 4, 3, 2)"),
-    ({"fallback": "yes"}, "fallback must be True or False"),
-    ({"rules": {"0": 5}}, "rule '0': bits must be one of (8, 4, 3, 2)"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"act_mode": "x"}, "act_mode must be 'dynamic' or 'static', got 'x'"),
+        ({"symmetric": "no"}, "symmetric must be True or False, got 'no'"),
+        ({"group_size": 0}, "group_size must be a positive integer"),
+        ({"group_size": True}, "group_size must be a positive integer"),
+        (
+            {"target": "bogus"},
+            "target must be one of ('native', 'avx512', 'avx2', 'portable', 'reference'), got 'bogus'",
+        ),
+        ({"act_bits": 4}, "act_bits must be 8 or None"),
+        ({"dump_mode": "some"}, "dump_mode must be 'all', 'changed' or 'failure'"),
+        ({"capture_method": "jit"}, "capture_method must be 'auto', 'export' or 'symbolic'"),
+        ({"max_calibration": 0}, "max_calibration must be a positive integer"),
+        ({"depthwise_bits": 5}, "depthwise_bits must be None or one of (8, 4, 3, 2)"),
+        ({"fallback": "yes"}, "fallback must be True or False"),
+        ({"rules": {"0": 5}}, "rule '0': bits must be one of (8, 4, 3, 2)"),
+    ],
+)
 def test_options_are_checked_before_any_work(options, needle, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("compile_lowbit started working before checking its options")
@@ -71,7 +77,9 @@ def test_meta_device_inputs_and_models_are_clear_errors():
 def test_an_empty_layer_and_an_empty_batch_are_clear_errors():
     with pytest.raises(ConfigError, match=r"module '0' \(Linear\) has an empty weight of shape \(0, 64\)"):
         fxquant.compile_lowbit(nn.Sequential(nn.Linear(64, 0)).eval(), (X,), bits=4)
-    with pytest.raises(ConfigError, match=r"example_inputs\[0\] has shape \(0, 64\) with a zero-size dimension"):
+    with pytest.raises(
+        ConfigError, match=r"example_inputs\[0\] has shape \(0, 64\) with a zero-size dimension"
+    ):
         fxquant.compile_lowbit(_mlp(), (torch.randn(0, 64),), bits=4)
 
 

@@ -35,11 +35,17 @@ def test_code_packing_round_trip(bits):
 
 
 def test_round_trip_is_exact_and_keeps_the_report(compiled, saved):
-    assert sorted(p.name for p in saved.iterdir()) == ["forward.py", "manifest.json", "selftest.bin", "weights.bin"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "forward.py",
+        "manifest.json",
+        "selftest.bin",
+        "weights.bin",
+    ]
     loaded = fxquant.load(saved)
     assert torch.equal(loaded(X), compiled(X))
-    assert [(r["module"], r["format"], r["decided_by"]) for r in loaded.report_rows()] == \
-           [(r["module"], r["format"], r["decided_by"]) for r in compiled.report_rows()]
+    assert [(r["module"], r["format"], r["decided_by"]) for r in loaded.report_rows()] == [
+        (r["module"], r["format"], r["decided_by"]) for r in compiled.report_rows()
+    ]
     assert loaded.pipeline == compiled.pipeline
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["torch_version"] == torch.__version__ and manifest["target"] == "reference"
@@ -48,9 +54,12 @@ def test_round_trip_is_exact_and_keeps_the_report(compiled, saved):
 
 
 def test_native_artifact_has_kernel_sources_and_reloads(tmp_path):
-    cm = fxquant.compile_lowbit(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval(),
-                                (torch.randn(2, 64),), bits=4,
-                                passes=fxquant.default_pipeline().replace(",codegen", ",codegen{never_slower=false}"))  # kernels wanted
+    cm = fxquant.compile_lowbit(
+        nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval(),
+        (torch.randn(2, 64),),
+        bits=4,
+        passes=fxquant.default_pipeline().replace(",codegen", ",codegen{never_slower=false}"),
+    )  # kernels wanted
     path = cm.save(tmp_path / "native")
     assert sorted(p.suffix for p in (path / "kernels").iterdir()) == [".c", ".c"]
     loaded = fxquant.load(path)
@@ -71,22 +80,43 @@ def _set_graph_target(m, old, new):
             n["target"] = new
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda p: (p / "weights.bin").write_bytes((p / "weights.bin").read_bytes()[:1000]), "does not match its checksum"),
-    (lambda p: (p / "weights.bin").write_bytes(b"\x01" + (p / "weights.bin").read_bytes()[1:]),
-     "corrupted or was modified"),
-    (lambda p: (p / "manifest.json").write_text('{"format": "fxquant-art'), "manifest.json is corrupt"),
-    (lambda p: (p / "manifest.json").unlink(), "has no manifest.json: not an fxquant artifact"),
-    (lambda p: (p / "forward.py").unlink(), "is missing forward.py"),
-    (lambda p: _rewrite_manifest(p, lambda m: m.update(format_version=99)), "uses artifact format 99"),
-    (lambda p: _rewrite_manifest(p, lambda m: m.pop("tensors")), "lacks 'tensors': truncated or tampered"),
-    (lambda p: _rewrite_manifest(p, lambda m: _set_graph_target(m, "torch.ops.aten.flatten.using_ints", "os.system")),
-     "call target 'os.system' is not allowed"),
-    (lambda p: _rewrite_manifest(p, lambda m: m["modules"]["fc1_1"].update({"class": "subprocess.Popen"})),
-     "modules.fc1_1.class: 'subprocess.Popen' is not one of"),
-    (lambda p: _rewrite_manifest(p, lambda m: m["tensors"]["fc1_1.scales"].update(offset=10**9)),
-     "does not fit weights.bin"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (
+            lambda p: (p / "weights.bin").write_bytes((p / "weights.bin").read_bytes()[:1000]),
+            "does not match its checksum",
+        ),
+        (
+            lambda p: (p / "weights.bin").write_bytes(b"\x01" + (p / "weights.bin").read_bytes()[1:]),
+            "corrupted or was modified",
+        ),
+        (lambda p: (p / "manifest.json").write_text('{"format": "fxquant-art'), "manifest.json is corrupt"),
+        (lambda p: (p / "manifest.json").unlink(), "has no manifest.json: not an fxquant artifact"),
+        (lambda p: (p / "forward.py").unlink(), "is missing forward.py"),
+        (lambda p: _rewrite_manifest(p, lambda m: m.update(format_version=99)), "uses artifact format 99"),
+        (
+            lambda p: _rewrite_manifest(p, lambda m: m.pop("tensors")),
+            "lacks 'tensors': truncated or tampered",
+        ),
+        (
+            lambda p: _rewrite_manifest(
+                p, lambda m: _set_graph_target(m, "torch.ops.aten.flatten.using_ints", "os.system")
+            ),
+            "call target 'os.system' is not allowed",
+        ),
+        (
+            lambda p: _rewrite_manifest(
+                p, lambda m: m["modules"]["fc1_1"].update({"class": "subprocess.Popen"})
+            ),
+            "modules.fc1_1.class: 'subprocess.Popen' is not one of",
+        ),
+        (
+            lambda p: _rewrite_manifest(p, lambda m: m["tensors"]["fc1_1.scales"].update(offset=10**9)),
+            "does not fit weights.bin",
+        ),
+    ],
+)
 def test_damaged_artifacts_are_clear_errors(saved, damage, needle):
     damage(saved)
     with pytest.raises(fxquant.ArtifactError) as info:
@@ -98,7 +128,7 @@ def test_out_of_range_codes_with_matching_checksums_are_caught(saved):
     m = json.loads((saved / "manifest.json").read_text())
     spec = m["tensors"]["fc2_1.table_index"]
     blob = bytearray((saved / "weights.bin").read_bytes())
-    blob[spec["offset"]:spec["offset"] + 4] = (1000).to_bytes(4, "little")
+    blob[spec["offset"] : spec["offset"] + 4] = (1000).to_bytes(4, "little")
     (saved / "weights.bin").write_bytes(bytes(blob))
     m["files"]["weights.bin"] = hashlib.sha256(bytes(blob)).hexdigest()
     (saved / "manifest.json").write_text(json.dumps(m))

@@ -38,20 +38,87 @@ sys.addaudithook(_audit)
 
 def _payloads(canary: Path) -> list:
     c = str(canary)
-    return [f"__import__('os').system('touch {c}')", f"x=__import__('os').system('touch {c}')",
-            f"\")\n__import__('os').system('touch {c}')\n#", f"open('{c}','w')", f"'); open('{c}', 'w'); ('",
-            f"x;\n#include \"/etc/passwd\"\n__attribute__((constructor)) static void f(void){{system(\"touch {c}\");}}",
-            "torch.ops.aten.from_file.default", "../../../etc/hostname", "/etc/hostname", "32/../../x",
-            "kernels/../../x.c", "builtins.eval", "os.system", "subprocess.Popen", "fxquant.ops.LoweredOp",
-            "__class__", "_guards_fn", "training", "self", "0" * 300, "", "\x00", "é"]
+    return [
+        f"__import__('os').system('touch {c}')",
+        f"x=__import__('os').system('touch {c}')",
+        f"\")\n__import__('os').system('touch {c}')\n#",
+        f"open('{c}','w')",
+        f"'); open('{c}', 'w'); ('",
+        f"x;\n#include \"/etc/passwd\"\n__attribute__((constructor)) "
+        f"static void f(void){{system(\"touch {c}\");}}",
+        "torch.ops.aten.from_file.default",
+        "../../../etc/hostname",
+        "/etc/hostname",
+        "32/../../x",
+        "kernels/../../x.c",
+        "builtins.eval",
+        "os.system",
+        "subprocess.Popen",
+        "fxquant.ops.LoweredOp",
+        "__class__",
+        "_guards_fn",
+        "training",
+        "self",
+        "0" * 300,
+        "",
+        "\x00",
+        "é",
+    ]
 
 
-_SCALARS = [0, 1, -1, 2, 3, 5, 7, 8, 9, 16, 63, 64, 65, 1 << 31, 1 << 62, -(1 << 62), 10 ** 30, 0.5, -2.5, 1e308,
-            True, False, None, [], {}, [[[[]]]], {"node": "x"}, {"tuple": [1, 2]}, {"float": "nan"},
-            {"dtype": "float64"}, {"device": "meta"}, {"torch": "channels_last"}, ["a", 1], {"alias": "x"},
-            {"alias": []}, {"alias": {"a": 1}}, {"node": []}, {"node": {"x": 1}}, {"tuple": "x"}, {"tuple": {}},
-            {"float": 1}, {"float": []}, {"dtype": []}, {"dtype": {}}, {"device": []}, {"torch": {}},
-            {"a": 1, "b": 2}, [[1], [2]], "-inf", -0.0, 2 ** 53 + 1]
+_SCALARS = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    5,
+    7,
+    8,
+    9,
+    16,
+    63,
+    64,
+    65,
+    1 << 31,
+    1 << 62,
+    -(1 << 62),
+    10**30,
+    0.5,
+    -2.5,
+    1e308,
+    True,
+    False,
+    None,
+    [],
+    {},
+    [[[[]]]],
+    {"node": "x"},
+    {"tuple": [1, 2]},
+    {"float": "nan"},
+    {"dtype": "float64"},
+    {"device": "meta"},
+    {"torch": "channels_last"},
+    ["a", 1],
+    {"alias": "x"},
+    {"alias": []},
+    {"alias": {"a": 1}},
+    {"node": []},
+    {"node": {"x": 1}},
+    {"tuple": "x"},
+    {"tuple": {}},
+    {"float": 1},
+    {"float": []},
+    {"dtype": []},
+    {"dtype": {}},
+    {"device": []},
+    {"torch": {}},
+    {"a": 1, "b": 2},
+    [[1], [2]],
+    "-inf",
+    -0.0,
+    2**53 + 1,
+]
 
 
 def _paths(value, prefix=()):
@@ -82,7 +149,9 @@ def _mutate(manifest: dict, rng: random.Random, payloads: list, strings: list) -
     elif kind == 1:
         parent[key] = copy.deepcopy(rng.choice(_SCALARS))
     elif kind == 2 and isinstance(old, (int, float)) and not isinstance(old, bool):
-        parent[key] = rng.choice([old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 3])
+        parent[key] = rng.choice(
+            [old + 1, old - 1, old * 2, -old, old // 2 if isinstance(old, int) else old / 3]
+        )
     elif kind == 3:
         del parent[key]
         return f"delete {path}"
@@ -114,15 +183,24 @@ def original(tmp_path_factory):
     cm = fxquant.compile_lowbit(KeywordCNN().eval(), (torch.randn(2, 1, 10, 10),), bits=4, target="reference")
     folder = tmp_path_factory.mktemp("fuzz") / "art"
     cm.save(folder)
-    fxquant.load(folder)  # once unwatched: one-time probes of the process (ctypes.util.find_library) happen here
+    fxquant.load(
+        folder
+    )  # once unwatched: one-time probes of the process (ctypes.util.find_library) happen here
     return folder, json.loads((folder / "manifest.json").read_text()), cm(X)
 
 
 def _allowed(path: str, folder: Path) -> bool:
     path = os.path.realpath(path) if isinstance(path, str) else ""
-    roots = [str(folder.resolve()), os.path.realpath(fxquant.codegen.cache_dir()), os.path.realpath(sys.prefix),
-             os.path.realpath(sys.base_prefix), str(Path(fxquant.__file__).resolve().parents[1]), "/proc/cpuinfo",
-             "/dev/null", os.path.realpath(torch.__file__).rsplit("/", 2)[0]]
+    roots = [
+        str(folder.resolve()),
+        os.path.realpath(fxquant.codegen.cache_dir()),
+        os.path.realpath(sys.prefix),
+        os.path.realpath(sys.base_prefix),
+        str(Path(fxquant.__file__).resolve().parents[1]),
+        "/proc/cpuinfo",
+        "/dev/null",
+        os.path.realpath(torch.__file__).rsplit("/", 2)[0],
+    ]
     return any(path == r or path.startswith(r + "/") for r in roots)
 
 
@@ -149,8 +227,14 @@ def _trial(folder: Path, manifest: dict, target: str, canary: Path, want, strict
         arg = os.fsdecode(arg) if isinstance(arg, (str, bytes)) else ""
         if event == "subprocess.Popen" and arg == fxquant.codegen.find_compiler():
             continue  # kernels are rendered from checked values and compiled into the cache
-        if event in ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "subprocess.Popen") \
-                or not _allowed(arg, folder):
+        if event in (
+            "os.system",
+            "os.exec",
+            "os.posix_spawn",
+            "os.spawn",
+            "os.fork",
+            "subprocess.Popen",
+        ) or not _allowed(arg, folder):
             return f"audit event {event} {arg!r} during load"
     return None
 
@@ -208,7 +292,11 @@ def test_payload_in_every_string_field_never_runs(original, tmp_path):
     canary = tmp_path / "canary"
     failures = []
     string_paths = [p for p in _paths(manifest) if p and isinstance(_get(manifest, p), str)]
-    keys = [p for p in _paths(manifest) if p and isinstance(p[-1], str) and isinstance(_get(manifest, p[:-1]), dict)]
+    keys = [
+        p
+        for p in _paths(manifest)
+        if p and isinstance(p[-1], str) and isinstance(_get(manifest, p[:-1]), dict)
+    ]
     for i, payload in enumerate(_payloads(canary)[:4]):
         for path in string_paths:
             mutated = copy.deepcopy(manifest)

@@ -81,14 +81,23 @@ def test_codegen_argument_names_are_identifiers(art, tmp_path):
 
 def test_module_meta_with_a_newline_is_refused(art, tmp_path):
     canary = tmp_path / "canary"
-    _edit(art, lambda m: _node(m, "call_module").__setitem__(
-        "meta", dict(_node(m, "call_module")["meta"], module=f'x")\n__import__("os").system("touch {canary}")#')))
+    _edit(
+        art,
+        lambda m: _node(m, "call_module").__setitem__(
+            "meta",
+            dict(_node(m, "call_module")["meta"], module=f'x")\n__import__("os").system("touch {canary}")#'),
+        ),
+    )
     _load_fails(art, "meta.module", canary)
 
 
 def test_epilogue_and_conv_groups_come_from_enums_and_ranges(art, tmp_path):
-    _edit(art, lambda m: m["modules"]["fc1_1"]["attrs"].update(
-        epilogue='relu; }\n__attribute__((constructor)) static void f(void) { system("id"); } //'))
+    _edit(
+        art,
+        lambda m: m["modules"]["fc1_1"]["attrs"].update(
+            epilogue='relu; }\n__attribute__((constructor)) static void f(void) { system("id"); } //'
+        ),
+    )
     _load_fails(art, "modules.fc1_1.attrs.epilogue")
     cache = fxquant.codegen.cache_dir()
     before = set(cache.parent.iterdir())
@@ -99,8 +108,14 @@ def test_epilogue_and_conv_groups_come_from_enums_and_ranges(art, tmp_path):
 
 
 def test_ops_that_touch_files_are_not_allowed(art, tmp_path):
-    _edit(art, lambda m: [n.update(target="torch.ops.aten.from_file.default", args={"tuple": ["/etc/hostname"]})
-                          for n in m["graph"]["nodes"] if n["op"] == "call_function"])
+    _edit(
+        art,
+        lambda m: [
+            n.update(target="torch.ops.aten.from_file.default", args={"tuple": ["/etc/hostname"]})
+            for n in m["graph"]["nodes"]
+            if n["op"] == "call_function"
+        ],
+    )
     _load_fails(art, "'aten.from_file' is not an op artifacts may call")
 
 
@@ -129,6 +144,7 @@ def test_a_symlinked_weights_file_is_refused(art, tmp_path):
 def test_graph_constants_cannot_reach_python_attributes(art):
     def change(m):
         m["tensors"]["__class__.x"] = m["tensors"]["fc2_1.bias"]
+
     _edit(art, change)
     _load_fails(art, "tensors key")
 
@@ -139,11 +155,13 @@ def test_an_attribute_cannot_smuggle_a_node_or_a_device(art):
 
 
 def test_consistent_looking_but_wrong_shapes_are_caught_before_any_kernel(art):
-    """The codes claim 1600 inputs but the graph feeds fc1 from a 16-wide tensor: refused by the abstract run."""
+    """The codes claim 1600 inputs but the graph feeds fc1 a 16-wide tensor: refused by the abstract run."""
+
     def change(m):
         flatten = [n for n in m["graph"]["nodes"] if n["target"] == "torch.ops.aten.flatten.using_ints"][0]
         flatten["target"] = "torch.ops.aten.amax.default"
         flatten["args"] = {"tuple": [{"node": "conv_1"}, [2, 3]]}
+
     _edit(art, change)
     _load_fails(art, "inconsistent at node")
 
@@ -156,7 +174,16 @@ def test_json_constants_and_duplicate_keys_are_corrupt(art):
 
 def test_unregistered_output_type_says_what_to_import(art):
     def change(m):
-        m["graph"]["codegen"]["out_spec"] = json.dumps([1, {"type": "transformers.modeling_outputs.BaseModelOutput",
-                                                            "context": "null", "children_spec": []}])
+        m["graph"]["codegen"]["out_spec"] = json.dumps(
+            [
+                1,
+                {
+                    "type": "transformers.modeling_outputs.BaseModelOutput",
+                    "context": "null",
+                    "children_spec": [],
+                },
+            ]
+        )
+
     _edit(art, change)
     _load_fails(art, "import that library before fxquant.load")

@@ -88,7 +88,7 @@ def test_without_an_atomic_swap_a_failed_rename_keeps_the_old_artifact(compiled,
 
 
 def test_tensors_are_written_as_whole_buffers(tmp_path):
-    """8 MiB of 4-bit codes and scales: byte-by-byte serialisation took ~20 s here; whole buffers, well under 2 s."""
+    """8 MiB of 4-bit codes and scales: byte-by-byte serialisation took ~20 s here; whole buffers < 2 s."""
     big = nn.Sequential(nn.Linear(4096, 4096)).eval()
     cm = fxquant.compile_lowbit(big, (torch.randn(2, 4096),), bits=4, target="reference", group_size=128)
     start = time.perf_counter()

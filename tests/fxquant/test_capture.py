@@ -140,7 +140,7 @@ def _openai_whisper():
 
 
 def test_a_failed_dynamic_export_does_not_poison_the_static_rung():
-    """openai-whisper's TextDecoder: dynamic export fails (is_causal becomes a SymBool), the static one works."""
+    """openai-whisper's TextDecoder: dynamic export fails (is_causal becomes a SymBool), static works."""
     decoder, _ = _openai_whisper()
     tokens, audio = torch.randint(0, 60, (2, 5)), torch.randn(2, 12, 32)
     gm = fxquant.capture(decoder, (tokens, audio))
@@ -152,6 +152,7 @@ def test_a_failed_dynamic_export_does_not_poison_the_static_rung():
     assert "torch.fx.symbolic_trace failed" in str(info.value)
 
 
+@pytest.mark.slow   # a full real-size compile (CI runs the slow tier)
 def test_openai_whisper_decoder_and_encoder_compile_directly():
     decoder, encoder = _openai_whisper()
     tokens, audio, mel = torch.randint(0, 60, (2, 5)), torch.randn(2, 12, 32), torch.randn(2, 16, 24)

@@ -27,7 +27,9 @@ def test_passes_lists_builtins(capsys):
 
 
 def test_dump_after_a_pass(capsys):
-    assert main(["dump", "kws-cnn", "--after", "fold-bn", "--passes", "cleanup,fold-bn,propagate-shapes"]) == 0
+    assert (
+        main(["dump", "kws-cnn", "--after", "fold-bn", "--passes", "cleanup,fold-bn,propagate-shapes"]) == 0
+    )
     out = capsys.readouterr().out
     assert "conv2d" in out and "fc1" in out and "fold-bn" not in out.split("\n")[0]
     assert "shape" in out.split("\n")[0]
@@ -48,12 +50,18 @@ def test_bench_prints_both_variants(capsys):
     assert "fp32 (torch)" in out and "fxquant (4.00 bits)" in out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["dump", "nope:factory"], "cannot load factory 'nope:factory'"),
-    (["dump", "kws-cnn", "--after", "quantize", "--passes", "cleanup"], "--after 'quantize' is not in the pipeline"),
-    (["compile", "kws-cnn", "--passes", "cleanup,fold-bnn"], "unknown pass 'fold-bnn'"),
-    (["compile", "mystery"], "unknown model 'mystery'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["dump", "nope:factory"], "cannot load factory 'nope:factory'"),
+        (
+            ["dump", "kws-cnn", "--after", "quantize", "--passes", "cleanup"],
+            "--after 'quantize' is not in the pipeline",
+        ),
+        (["compile", "kws-cnn", "--passes", "cleanup,fold-bnn"], "unknown pass 'fold-bnn'"),
+        (["compile", "mystery"], "unknown model 'mystery'"),
+    ],
+)
 def test_errors_go_to_stderr_with_exit_code_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

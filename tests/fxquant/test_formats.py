@@ -9,11 +9,18 @@ from fxquant.qweight import dequantize, reference_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CASES = [("uniform", b, gran, gs, sym) for b in (8, 4, 3, 2) for gran, gs in
-         (("tensor", None), ("channel", None), ("group", 32), ("group", 64), ("group", 128)) for sym in (True, False)
-         if not (b == 8 and not sym)]
-CASES += [("codebook", b, gran, gs, True) for b in (4, 3, 2) for gran, gs in
-          (("tensor", None), ("channel", None), ("group", 64))]
+CASES = [
+    ("uniform", b, gran, gs, sym)
+    for b in (8, 4, 3, 2)
+    for gran, gs in (("tensor", None), ("channel", None), ("group", 32), ("group", 64), ("group", 128))
+    for sym in (True, False)
+    if not (b == 8 and not sym)
+]
+CASES += [
+    ("codebook", b, gran, gs, True)
+    for b in (4, 3, 2)
+    for gran, gs in (("tensor", None), ("channel", None), ("group", 64))
+]
 
 
 def test_registry_entries():
@@ -22,11 +29,11 @@ def test_registry_entries():
 
 @pytest.mark.parametrize("scheme,bits,gran,gs,sym", CASES)
 def test_packs_valid_weight_with_exact_bytes(scheme, bits, gran, gs, sym):
-    w = torch.randn(24, 200)                              # 200 is not a multiple of 32/64/128: partial last group
+    w = torch.randn(24, 200)  # 200 is not a multiple of 32/64/128: partial last group
     qw = quantize_weight(w, bits, scheme, gran, gs, sym)
     qw.validate()
     assert qw.nbytes() == weight_bytes((24, 200), bits, scheme, gran, gs, sym)
-    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) < 2 ** bits
+    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) < 2**bits
     if gran == "group":
         assert qw.scales.shape == (24, -(-200 // gs))
     assert sqnr_db(w, dequantize(qw)) > {8: 35, 4: 15, 3: 9, 2: 3}[bits] - (3 if gran == "tensor" else 0)
@@ -36,7 +43,7 @@ def test_w8_per_channel_sqnr_above_35db_on_gaussian():
     w, x = torch.randn(64, 256), torch.randn(32, 256)
     qw = quantize_weight(w, 8, "uniform", "channel")
     assert sqnr_db(w, dequantize(qw)) > 35
-    assert sqnr_db(x @ w.T, reference_linear(x, qw)) > 35   # with dynamic int8 activations too
+    assert sqnr_db(x @ w.T, reference_linear(x, qw)) > 35  # with dynamic int8 activations too
 
 
 def test_codebook_beats_uniform_on_student_t():
@@ -59,21 +66,29 @@ def test_hdiag_weighting_reduces_weighted_error():
     w = torch.randn(32, 64)
     hd = torch.ones(64)
     hd[:8] = 100.0
+
     def werr(qw):
         return ((dequantize(qw) - w).pow(2) * hd).sum().item()
-    assert werr(quantize_weight(w, 2, "codebook", "channel", hdiag=hd)) < werr(quantize_weight(w, 2, "codebook", "channel"))
+
+    assert werr(quantize_weight(w, 2, "codebook", "channel", hdiag=hd)) < werr(
+        quantize_weight(w, 2, "codebook", "channel")
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=9), "bits in"), (dict(bits=1), "bits in"),
-    (dict(bits=8, symmetric=False), "8-bit asymmetric"),
-    (dict(bits=4, granularity="group", group_size=0), "group_size must be"),
-    (dict(bits=4, granularity="group", group_size=65), "group_size must be"),
-    (dict(bits=4, granularity="group", group_size=None), "needs a group_size"),
-    (dict(bits=4, granularity="row"), "granularity must be"),
-    (dict(bits=4, scheme="lut"), "unknown weight scheme"),
-    (dict(bits=4, rounding="gptq"), "needs the input second moments"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=9), "bits in"),
+        (dict(bits=1), "bits in"),
+        (dict(bits=8, symmetric=False), "8-bit asymmetric"),
+        (dict(bits=4, granularity="group", group_size=0), "group_size must be"),
+        (dict(bits=4, granularity="group", group_size=65), "group_size must be"),
+        (dict(bits=4, granularity="group", group_size=None), "needs a group_size"),
+        (dict(bits=4, granularity="row"), "granularity must be"),
+        (dict(bits=4, scheme="lut"), "unknown weight scheme"),
+        (dict(bits=4, rounding="gptq"), "needs the input second moments"),
+    ],
+)
 def test_bad_requests_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         quantize_weight(torch.randn(4, 64), where="node 'fc'", **kwargs)
@@ -97,19 +112,22 @@ def test_conv_weight_is_flattened_and_zero_rows_are_safe():
 
 
 def test_quant_cache_returns_the_same_result_once_and_sees_in_place_changes():
-    from fxquant.formats import QuantCache
+    from fxquant.quant_cache import QuantCache
 
     cache, w, hd = QuantCache(), torch.randn(16, 64), torch.rand(64)
     a = cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd)
-    assert cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd) is a and (cache.hits, cache.misses) == (1, 1)
-    b = cache.quantize(w, 3, "uniform", "group", 32, hdiag=hd)             # another format: computed
+    assert cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd) is a and (cache.hits, cache.misses) == (
+        1,
+        1,
+    )
+    b = cache.quantize(w, 3, "uniform", "group", 32, hdiag=hd)  # another format: computed
     assert b is not a and cache.misses == 2
     expected = quantize_weight(w, 4, "uniform", "group", 32, hdiag=hd)
     assert torch.equal(a.codes, expected.codes) and torch.equal(a.scales, expected.scales)
     with torch.no_grad():
-        w.mul_(2)                                                           # in place: a new version
+        w.mul_(2)  # in place: a new version
     assert cache.quantize(w, 4, "uniform", "group", 32, hdiag=hd) is not a
-    small = QuantCache(max_bytes=a.codes.numel() + 600)                    # room for about one result
+    small = QuantCache(max_bytes=a.codes.numel() + 600)  # room for about one result
     small.quantize(w, 4, "uniform", "group", 32)
     small.quantize(w, 3, "uniform", "group", 32)
     assert len(small._entries) == 1 and small.stored_bytes <= small.max_bytes

@@ -86,12 +86,15 @@ def test_fresh_process_rss_growth_after_load_is_close_to_packed_bytes(tmp_path):
         def rss():
             return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
         x = torch.randn(1, 2048)
-        fxquant.load({str(tmp_path / 'tiny')!r})(torch.randn(1, 64))   # libraries and thread pool, not weights
+        fxquant.load({str(tmp_path / 'tiny')!r})(torch.randn(1, 64))   # libraries and pool, not weights
         before = rss()
         cm = fxquant.load({str(tmp_path / 'six')!r})
         cm(x)
         print(rss() - before)
     """)
-    growth = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                                timeout=300).stdout.split()[-1])
+    growth = int(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+        ).stdout.split()[-1]
+    )
     assert growth <= 1.5 * packed + (64 << 20), (growth / 2**20, packed / 2**20)

@@ -70,8 +70,12 @@ def test_env_var_enables_dumps(tmp_path, monkeypatch):
 
 def test_failing_pass_names_itself_and_writes_only_a_reproducer(tmp_path, exploding_pass):
     with pytest.raises(fxquant.PassFailure) as info:
-        fxquant.compile_lowbit(KeywordCNN().eval(), (X,), passes=f"cleanup,fold-bn,{exploding_pass},propagate-shapes",
-                               dump_dir=tmp_path)
+        fxquant.compile_lowbit(
+            KeywordCNN().eval(),
+            (X,),
+            passes=f"cleanup,fold-bn,{exploding_pass},propagate-shapes",
+            dump_dir=tmp_path,
+        )
     msg = str(info.value)
     assert "pass 'explode-test' (step 3 of pipeline 'cleanup,fold-bn,explode-test,propagate-shapes')" in msg
     assert "RuntimeError: kaboom in pass" in msg and "passes before it: cleanup, fold-bn" in msg
@@ -86,14 +90,17 @@ def test_failing_pass_names_itself_and_writes_only_a_reproducer(tmp_path, explod
 
 
 def test_failure_without_dump_dir_writes_reproducer_to_tmp(exploding_pass):
-    with pytest.raises(fxquant.PassFailure, match=r"reproducer \(graph before the pass \+ pipeline text\): /"):
+    with pytest.raises(
+        fxquant.PassFailure, match=r"reproducer \(graph before the pass \+ pipeline text\): /"
+    ):
         fxquant.compile_lowbit(KeywordCNN().eval(), (X,), passes=exploding_pass)
 
 
 def test_verifier_catches_contract_violations(tmp_path, contract_breaking_pass):
     with pytest.raises(fxquant.FxQuantError) as info:
-        fxquant.compile_lowbit(KeywordCNN().eval(), (X,), passes=f"cleanup,{contract_breaking_pass}",
-                               dump_dir=tmp_path)
+        fxquant.compile_lowbit(
+            KeywordCNN().eval(), (X,), passes=f"cleanup,{contract_breaking_pass}", dump_dir=tmp_path
+        )
     assert "breaks the IR contract" in str(info.value) and "must be a QuantDecision" in str(info.value)
     assert "raised by pass 'break-contract-test' (step 2" in " ".join(info.value.__notes__)
     assert list(tmp_path.iterdir()) == []

@@ -75,6 +75,8 @@ def test_wrong_typed_value_in_list_form(typed_pass):
 
 
 def test_default_pipeline_text():
-    assert fxquant.default_pipeline("native").startswith("cleanup,fold-bn,const-fold,linearize,propagate-shapes,calibrate")
+    assert fxquant.default_pipeline("native").startswith(
+        "cleanup,fold-bn,const-fold,linearize,propagate-shapes,calibrate"
+    )
     assert fxquant.default_pipeline("avx2").endswith("codegen{target=avx2}")
     assert "codegen" not in fxquant.default_pipeline("reference")

@@ -82,12 +82,15 @@ def test_plugin_pass_is_discovered_and_runs_by_name(plugin_site):
 
 def test_plugin_for_another_api_version_is_a_clear_error(plugin_site):
     plugin_site("fxq_plugin_old", registry.API_VERSION + 1)
-    with pytest.raises(fxquant.PluginError, match=r"written for fxquant pass API 2, but this fxquant provides API 1"):
+    with pytest.raises(
+        fxquant.PluginError, match=r"written for fxquant pass API 2, but this fxquant provides API 1"
+    ):
         registry.refresh()
 
 
 def test_duplicate_pass_name_is_rejected():
     with pytest.raises(fxquant.PipelineError, match="already registered"):
+
         @fxquant.register_pass("cleanup")
         def other_cleanup(gm, ctx):
             return fxquant.PassResult()

@@ -38,13 +38,13 @@ def test_pack_bits_known_bytes_and_bad_input():
 
 def test_packed_codes_rows_unpack_and_shared_tensor():
     codes = torch.randint(0, 8, (37, 24), dtype=torch.uint8)
-    pc = PackedCodes.from_codes(codes.clone(), 3)                       # the clone dies: unpack() really unpacks
+    pc = PackedCodes.from_codes(codes.clone(), 3)  # the clone dies: unpack() really unpacks
     assert pc.nbytes == 37 * 24 * 3 // 8 and pc.shape == (37, 24)
     idx = torch.tensor([[3, 0], [36, 3]])
-    assert torch.equal(pc.rows(idx), codes[idx])                      # only those rows unpacked
+    assert torch.equal(pc.rows(idx), codes[idx])  # only those rows unpacked
     first = pc.unpack()
-    assert torch.equal(first, codes) and pc.unpack() is first           # one tensor while it is alive
-    odd = PackedCodes.from_codes(codes[:, :21].contiguous(), 3)        # rows not byte aligned: full unpack
+    assert torch.equal(first, codes) and pc.unpack() is first  # one tensor while it is alive
+    odd = PackedCodes.from_codes(codes[:, :21].contiguous(), 3)  # rows not byte aligned: full unpack
     assert torch.equal(odd.rows(idx), codes[:, :21][idx])
     with pytest.raises(ValueError, match="needs its unpack function"):
         PackedCodes(pc.data, (37, 24), 3, layout="avx512")
@@ -56,9 +56,16 @@ def _slow_levels(qw: QuantizedWeight) -> torch.Tensor:
     return qw.table.long()[idx, qw.codes.long()].to(torch.int8)
 
 
-@pytest.mark.parametrize("scheme,gran,sym", [("uniform", "group", True), ("uniform", "group", False),
-                                             ("uniform", "tensor", False), ("codebook", "group", True),
-                                             ("codebook", "channel", True)])
+@pytest.mark.parametrize(
+    "scheme,gran,sym",
+    [
+        ("uniform", "group", True),
+        ("uniform", "group", False),
+        ("uniform", "tensor", False),
+        ("codebook", "group", True),
+        ("codebook", "channel", True),
+    ],
+)
 def test_levels_dequantize_and_accumulators_match_the_definition(scheme, gran, sym):
     w = torch.randn(24, 200)
     qw = quantize_weight(w, 4, scheme, gran, 64 if gran == "group" else None, sym)
@@ -73,9 +80,17 @@ def test_levels_dequantize_and_accumulators_match_the_definition(scheme, gran, s
 
 
 def test_accumulators_exact_at_the_int8_extremes():
-    """float32 BLAS is only used while every partial sum stays below 2^24: -128 * -127 * 1000 must be exact."""
+    """float32 BLAS is used only while every partial sum stays below 2^24: -128 * -127 * 1000 is exact."""
     k = 1000
-    qw = QuantizedWeight(8, torch.zeros(2, k, dtype=torch.uint8), torch.full((1, 256), -128, dtype=torch.int8),
-                         torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), k, "codebook", "channel")
+    qw = QuantizedWeight(
+        8,
+        torch.zeros(2, k, dtype=torch.uint8),
+        torch.full((1, 256), -128, dtype=torch.int8),
+        torch.zeros(2, 1, dtype=torch.int32),
+        torch.ones(2, 1),
+        k,
+        "codebook",
+        "channel",
+    )
     xq = torch.full((1, k), -127, dtype=torch.int8)
     assert group_accumulators(xq, qw).tolist() == [[[127 * 128 * k], [127 * 128 * k]]]

@@ -8,6 +8,7 @@ from fxquant.formats import weight_bytes
 from fxquant.passmanager import PassManager
 from fxquant.registry import PassContext
 from fxquant.tracing import capture
+from fxquant.analysis import PrecisionPlan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +50,7 @@ def test_bits_mode_labels_and_provenance():
 def test_default_is_w8_per_channel_a8():
     d, ctx = decide({})
     assert all(x.label() == "W8 uniform/channel A8" for x in d.values())
-    assert d["fc1"].decided_by == "default:W8" and ctx.state["precision"]["avg_bits"] == 8.0
+    assert d["fc1"].decided_by == "default:W8" and ctx.analyses.cached(PrecisionPlan).avg_bits == 8.0
 
 
 def test_rules_override_and_float_and_gptq():
@@ -68,23 +69,29 @@ def test_budget_bytes_is_met():
     total = sum(weight_bytes((ir.node_weight(gm, n).shape[0], ir.node_weight(gm, n)[0].numel()),
                              d.weight_bits, d.scheme, d.granularity, d.group_size, d.symmetric)
                 for n in gm.graph.nodes if (d := n.meta.get(ir.DECISION)))
-    assert total == ctx.state["precision"]["bytes"] <= budget
+    assert total == ctx.analyses.cached(PrecisionPlan).bytes <= budget
     assert total > 0.8 * budget                                    # the budget is used, not wasted
 
 
 def test_proxy_sensitivity_without_sensitivity_pass():
     d, ctx = decide({"avg_bits": 4.0}, passes="calibrate,assign-precision")
-    assert ctx.state["precision"]["avg_bits"] <= 4.0
+    assert ctx.analyses.cached(PrecisionPlan).avg_bits <= 4.0
     assert {x.decided_by for m, x in d.items() if m != "dw"} == {"budget:avg_bits=4"}
 
 
-@pytest.mark.parametrize("config,match", [
-    ({"bits": 4, "avg_bits": 3}, "exclusive"),
-    ({"bits": 4, "rules": {"encoder": 4}}, r"rule 'encoder' matches no quantizable node.*conv, dw, fc1"),
-    ({"bits": 4, "rules": {"fc2": {"bits": 4, "group": 256}}}, "rule 'fc2'.*group_size must be an integer in 1..128"),
-    ({"bits": 4, "group_size": -3}, "group_size must be a positive integer"),
-    ({"avg_bits": 4, "scheme": "lut"}, "scheme must be one of"),
-])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        ({"bits": 4, "avg_bits": 3}, "exclusive"),
+        ({"bits": 4, "rules": {"encoder": 4}}, r"rule 'encoder' matches no quantizable node.*conv, dw, fc1"),
+        (
+            {"bits": 4, "rules": {"fc2": {"bits": 4, "group": 256}}},
+            "rule 'fc2'.*group_size must be an integer in 1..128",
+        ),
+        ({"bits": 4, "group_size": -3}, "group_size must be a positive integer"),
+        ({"avg_bits": 4, "scheme": "lut"}, "scheme must be one of"),
+    ],
+)
 def test_bad_options(config, match):
     with pytest.raises(ConfigError, match=match):
         decide(config, passes="assign-precision")
@@ -116,6 +123,6 @@ def test_fp32_lstm_weights_count_in_the_budget():
                 PassManager("cleanup,propagate-shapes,assign-precision").run(gm, ctx)
             continue
         PassManager("cleanup,propagate-shapes,assign-precision").run(gm, ctx)
-        summary = ctx.state["precision"]
-        assert summary["params"] >= lstm_params + 32 * 8
-        assert 30 < summary["avg_bits"] <= 31.5
+        summary = ctx.analyses.cached(PrecisionPlan)
+        assert summary.params >= lstm_params + 32 * 8
+        assert 30 < summary.avg_bits <= 31.5

@@ -51,8 +51,10 @@ def test_scaling_lowers_the_4bit_output_error():
     model, x = Block().eval(), torch.randn(64, 10, 256)
     ref = model(x)
     errs = {}
-    for name, pipeline in (("plain", "cleanup,propagate-shapes,calibrate,assign-precision,quantize,lower"),
-                           ("awq", "cleanup,propagate-shapes,calibrate,awq-scale,assign-precision,quantize,lower")):
+    for name, pipeline in (
+        ("plain", "cleanup,propagate-shapes,calibrate,assign-precision,quantize,lower"),
+        ("awq", "cleanup,propagate-shapes,calibrate,awq-scale,assign-precision,quantize,lower"),
+    ):
         gm = fxquant.capture(model, (x,))
         ctx = PassContext(example_inputs=(x,), calibration=[(x,)], config={"bits": 4, "act_bits": None})
         gm = PassManager(pipeline).run(gm, ctx)

@@ -8,6 +8,7 @@ from fxquant.errors import ConfigError
 from fxquant.passmanager import PassManager
 from fxquant.registry import PassContext
 from fxquant.tracing import capture
+from fxquant.analysis import CalibrationData
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +21,9 @@ def calibrated(model, batches, **ctx_kw):
 
 
 def stats_of(gm, target):
-    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == target).meta[ir.ACT_STATS]
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == target).meta[
+        ir.ACT_STATS
+    ]
 
 
 def test_linear_second_moments_accumulate_over_batches():
@@ -34,7 +37,7 @@ def test_linear_second_moments_accumulate_over_batches():
     assert s["absmax"] == pytest.approx(rows.abs().max().item())
     assert torch.allclose(s["channel_absmax"].double(), rows.abs().amax(0))
     assert s["min"] == pytest.approx(rows.min().item()) and s["max"] == pytest.approx(rows.max().item())
-    assert ctx.state["calib_samples"]["linear"].shape[-1] == 16
+    assert ctx.analyses.cached(CalibrationData).samples["linear"].shape[-1] == 16
 
 
 def test_conv_rows_are_im2col_patches():
@@ -55,22 +58,25 @@ def test_grouped_conv_keeps_only_diag():
 
 def test_percentile_from_bounded_histogram():
     torch.manual_seed(0)
-    batches = [(torch.randn(64, 256) * (1 + i),) for i in range(3)]   # range grows: bins merge
+    batches = [(torch.randn(64, 256) * (1 + i),) for i in range(3)]  # range grows: bins merge
     gm, _ = calibrated(torch.nn.Linear(256, 4), batches)
     s = stats_of(gm, torch.ops.aten.linear.default)
     allv = torch.cat([b[0].reshape(-1) for b in batches]).abs()
-    exact = allv.quantile(0.9999 if allv.numel() < 2 ** 24 else 0.999).item()
+    exact = allv.quantile(0.9999 if allv.numel() < 2**24 else 0.999).item()
     assert s["pct"] == 99.99
     assert s["percentile"] == pytest.approx(exact, rel=0.05)
     assert s["percentile"] <= s["absmax"]
 
 
 def test_io_stats_and_progress_bar(capsys):
-    gm, ctx = calibrated(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()),
-                         [(torch.randn(2, 8),), (torch.randn(2, 8),)], progress=True)
+    gm, ctx = calibrated(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()),
+        [(torch.randn(2, 8),), (torch.randn(2, 8),)],
+        progress=True,
+    )
     placeholder = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    assert set(ctx.state["io_stats"]) == {placeholder, "output:0"}
-    assert ctx.state["io_stats"]["output:0"]["min"] >= 0.0          # after the ReLU
+    assert set(ctx.analyses.cached(CalibrationData).io_stats) == {placeholder, "output:0"}
+    assert ctx.analyses.cached(CalibrationData).io_stats["output:0"]["min"] >= 0.0  # after the ReLU
     err = capsys.readouterr().err
     assert "calibrate [" in err and "2/2" in err
 

@@ -30,7 +30,12 @@ def test_removes_dropout_identity_noops_and_dead_code():
     before = run(model, (x,), "propagate-shapes")
     assert aten.dropout.default in targets(before) and aten.relu.default in targets(before)
     gm = run(model, (x,), "cleanup")
-    assert targets(gm) == [aten.linear.default, aten.unsqueeze.default, aten.unsqueeze.default, aten.flatten.using_ints]
+    assert targets(gm) == [
+        aten.linear.default,
+        aten.unsqueeze.default,
+        aten.unsqueeze.default,
+        aten.flatten.using_ints,
+    ]
     assert any("removed (was dropout" in p for p in node(gm, "flatten").meta[ir.PROVENANCE])
     assert any("removed (was a no-op reshape" in p for p in node(gm, "unsqueeze").meta[ir.PROVENANCE])
     torch.testing.assert_close(gm(x), model.eval()(x))

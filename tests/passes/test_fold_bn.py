@@ -14,14 +14,26 @@ aten = torch.ops.aten
 BN = aten.batch_norm.default
 
 
-@pytest.mark.parametrize("model,shape", [
-    (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 9, 9)),
-    (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)), (2, 8, 9, 9)),   # depthwise
-    (nn.Sequential(nn.Conv2d(8, 12, (3, 1), groups=4, bias=False), nn.BatchNorm2d(12)), (2, 8, 9, 9)),  # grouped
-    (nn.Sequential(nn.Conv1d(16, 32, 5, stride=2), nn.BatchNorm1d(32)), (2, 16, 40)),
-    (nn.Sequential(nn.Conv1d(16, 16, 5, groups=16, padding=2), nn.BatchNorm1d(16, affine=False)), (2, 16, 40)),
-    (nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6)), (4, 10)),
-])
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), (2, 3, 9, 9)),
+        (
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)),
+            (2, 8, 9, 9),
+        ),  # depthwise
+        (
+            nn.Sequential(nn.Conv2d(8, 12, (3, 1), groups=4, bias=False), nn.BatchNorm2d(12)),
+            (2, 8, 9, 9),
+        ),  # grouped
+        (nn.Sequential(nn.Conv1d(16, 32, 5, stride=2), nn.BatchNorm1d(32)), (2, 16, 40)),
+        (
+            nn.Sequential(nn.Conv1d(16, 16, 5, groups=16, padding=2), nn.BatchNorm1d(16, affine=False)),
+            (2, 16, 40),
+        ),
+        (nn.Sequential(nn.Linear(10, 6), nn.BatchNorm1d(6)), (4, 10)),
+    ],
+)
 def test_folds_and_matches_eager(model, shape):
     model = randomize_batchnorm(model)
     x = torch.randn(shape)
@@ -71,11 +83,14 @@ class LinearOn3d(nn.Module):
         return self.bn(self.fc(x))
 
 
-@pytest.mark.parametrize("model,shape,reason", [
-    (SharedConv(), (1, 3, 8, 8), "has 2 users, folding would change the others"),
-    (BnAfterRelu(), (1, 3, 8, 8), "its input is relu.default, not a conv1d/conv2d/linear"),
-    (LinearOn3d(), (2, 5, 6), "linear output is not 2-D"),
-])
+@pytest.mark.parametrize(
+    "model,shape,reason",
+    [
+        (SharedConv(), (1, 3, 8, 8), "has 2 users, folding would change the others"),
+        (BnAfterRelu(), (1, 3, 8, 8), "its input is relu.default, not a conv1d/conv2d/linear"),
+        (LinearOn3d(), (2, 5, 6), "linear output is not 2-D"),
+    ],
+)
 def test_unfoldable_patterns_keep_the_bn_and_say_why(model, shape, reason):
     model = randomize_batchnorm(model)
     x = torch.randn(shape)

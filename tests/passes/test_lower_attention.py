@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
+from fxquant.codegen import TARGETS
 from fxquant.ops import FusedAttention
 from fxquant.models.whisper import DecoderStep, ModelDimensions, whisper_random
 
@@ -100,7 +101,7 @@ def test_calls_the_kernel_cannot_serve_stay_aten_with_a_reason():
     nodes = [n for n in cm.graph_module.graph.nodes if n.target is SDPA]
     assert len(nodes) == 1
     assert any("is_causal" in p for p in nodes[0].meta["fxq_provenance"])
-    assert any("0 attention calls lowered (0 with constant int8 keys/values), 1 left as aten" in t.message
+    assert any("0 attention calls lowered (0 with constant int8 keys/values, 0 prefill), 1 left as aten" in t.message
                for t in cm.timings)
 
 
@@ -151,3 +152,52 @@ def test_kv_bits_none_keeps_constant_keys_values_float_and_the_report_says_so():
     assert "0 read constant keys/values as per-row int8" in reports[None][1]
     with pytest.raises(fxquant.ConfigError, match="kv_bits"):
         fxquant.compile_lowbit(DecoderStep(model.decoder), inputs, kv_bits=4, target="reference")
+
+
+class EncoderAttention(nn.Module):
+    """Encoder-style self-attention: many query rows, no mask, heads as views of [B, T, H*D]."""
+
+    def __init__(self, d: int = 128, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+
+
+@pytest.mark.parametrize("option,rows", [("", 1 << 16), ("{prefill_rows=0}", 16), ("{prefill_rows=4096}", 4096)])
+def test_unmasked_many_row_calls_get_prefill_rows(option, rows):
+    x, model = torch.randn(1, 100, 128), EncoderAttention().eval()
+    cm = fxquant.compile_lowbit(model, (x,), passes="lower-attention" + option,
+                                target="reference")
+    ops = [m for m in cm.graph_module.modules() if isinstance(m, FusedAttention)]
+    assert len(ops) == 1 and ops[0].max_query_rows == rows and not ops[0].kv_int8
+    node = next(n for n in cm.graph_module.graph.nodes if n.op == "call_module" and "attention" in n.target)
+    assert any("prefill kernel (bf16)" in p for p in node.meta["fxq_provenance"]) == (rows > 16)
+    assert any(f"keys/values, {int(rows > 16)} prefill)" in t.message for t in cm.timings)
+    torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)   # no kernel here: torch SDPA
+
+
+def test_masked_or_short_calls_keep_decode_rows():
+    model, inputs = CachedAttention().eval(), _inputs(t=40)    # 40 query rows, but masked
+    cm = fxquant.compile_lowbit(model, inputs, passes="lower-attention", target="reference")
+    assert [m.max_query_rows for m in cm.graph_module.modules() if isinstance(m, FusedAttention)] == [16]
+    with pytest.raises(fxquant.ConfigError, match="prefill_rows must be in"):
+        fxquant.compile_lowbit(model, inputs, passes="lower-attention{prefill_rows=-1}", target="reference")
+
+
+@pytest.mark.skipif(not TARGETS["avx512"].runnable(), reason="host cannot run avx512 kernels")
+def test_encoder_attention_runs_the_prefill_kernel_and_never_slower_reports_its_choice():
+    torch.manual_seed(0)
+    model, x = EncoderAttention(d=384, heads=6).eval(), torch.randn(1, 300, 384)
+    cm = fxquant.compile_lowbit(model, (x,), bits=8, passes=_pipeline(",codegen"))
+    op = next(m for m in cm.graph_module.modules() if isinstance(m, FusedAttention))
+    assert op.max_query_rows == 1 << 16
+    assert ("kernel" in op.backend and "ms" in op.backend), op.backend     # the timed choice, either way
+    want = cm.graph_module(x)
+    if op.kernel is not None and op.kernel.has_prefill:                    # kernel kept: bf16 rounding only
+        op.kernel = None
+        ref = cm.graph_module(x)
+        assert 0 < float((want - ref).abs().max()) < 0.01 * float(ref.abs().max())

@@ -22,7 +22,9 @@ class QKV(nn.Module):
 
 
 def _pipeline(merge: bool) -> str:
-    return "cleanup,propagate-shapes,calibrate,assign-precision,quantize,lower" + (",merge-siblings" if merge else "")
+    return "cleanup,propagate-shapes,calibrate,assign-precision,quantize,lower" + (
+        ",merge-siblings" if merge else ""
+    )
 
 
 def test_siblings_become_one_call_with_identical_outputs():
@@ -31,10 +33,12 @@ def test_siblings_become_one_call_with_identical_outputs():
     ref = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(False), target="reference")
     gm = cm.graph_module
     lin = [m for m in gm.modules() if type(m) is LowbitLinear]
-    assert sorted(m.codes.shape[0] for m in lin) == [8, 160]        # q+k+v merged, `other` alone
+    assert sorted(m.codes.shape[0] for m in lin) == [8, 160]  # q+k+v merged, `other` alone
     slices = [n for n in gm.graph.nodes if n.target is SLICE]
     assert [n.args[2:] for n in slices] == [(0, 64), (64, 96), (96, 160)]
-    merged = next(n for n in gm.graph.nodes if n.op == "call_module" and "query+key+value" in n.meta["fxq_module"])
+    merged = next(
+        n for n in gm.graph.nodes if n.op == "call_module" and "query+key+value" in n.meta["fxq_module"]
+    )
     assert merged.meta["fxq_module"] == "query+key+value"
     assert merged.meta["fxq_quant_stats"]["fp32_bytes"] == 4 * (64 * 64 + 64 * 32 + 64 * 64)
     for a, b in zip(cm(x, y), ref(x, y)):
@@ -64,14 +68,14 @@ def test_ops_with_another_epilogue_are_not_merged():
     model, x, y = QKVRelu().eval(), torch.randn(3, 5, 64), torch.randn(2, 16)
     cm = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(True), target="reference")
     widths = sorted(m.codes.shape[0] for m in cm.graph_module.modules() if type(m) is LowbitLinear)
-    assert widths == [8, 32, 128]                                     # query+value merged, key (fused relu) alone
+    assert widths == [8, 32, 128]  # query+value merged, key (fused relu) alone
 
 
 def test_concat_rows_keeps_every_row_and_table():
     a = QuantizedWeight.uniform_symmetric(torch.randn(5, 40), 4, 16)
     b = QuantizedWeight.uniform_symmetric(torch.randn(3, 40), 4, 16)
     b.table = b.table.clone()
-    b.table[0, 0] = -7                                                # a different table: stacked, indices shifted
+    b.table[0, 0] = -7  # a different table: stacked, indices shifted
     m = concat_rows([a, b])
     assert m.table.shape[0] == 2 and int(m.table_index[5:].min()) == 1
     torch.testing.assert_close(dequantize(m), torch.cat([dequantize(a), dequantize(b)]))
@@ -87,13 +91,22 @@ def test_long_merged_names_are_shortened():
     class Many(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"cross_attention_key_projection": torch.nn.Linear(16, 16),
-                                                                   "cross_attention_value_projection": torch.nn.Linear(16, 16)})
-                                              for _ in range(4))
+            self.layers = torch.nn.ModuleList(
+                torch.nn.ModuleDict(
+                    {
+                        "cross_attention_key_projection": torch.nn.Linear(16, 16),
+                        "cross_attention_value_projection": torch.nn.Linear(16, 16),
+                    }
+                )
+                for _ in range(4)
+            )
 
         def forward(self, x):
-            return [m[k](x) for m in self.layers for k in ("cross_attention_key_projection",
-                                                           "cross_attention_value_projection")]
+            return [
+                m[k](x)
+                for m in self.layers
+                for k in ("cross_attention_key_projection", "cross_attention_value_projection")
+            ]
 
     cm = fxq.compile_lowbit(Many().eval(), (torch.randn(2, 16),), bits=8, target="reference")
     names = [n for n, _ in cm.graph_module.named_children() if "more" in n]

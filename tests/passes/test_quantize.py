@@ -7,6 +7,7 @@ from fxquant.errors import ConfigError
 from fxquant.passmanager import PassManager
 from fxquant.registry import PassContext
 from fxquant.tracing import capture
+from fxquant.analysis import PackedWeights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,10 +30,16 @@ def test_w8_sqnr_and_bytes():
     gm, ctx = run(model, torch.randn(64, 256), {"bits": 8})
     s = stats(gm)
     assert s["0"]["params"] == 256 * 64 and s["0"]["fp32_bytes"] == 4 * 256 * 64
-    assert s["0"]["bytes"] == ctx.state["qweights"]["linear"].nbytes() == 256 * 64 + 64 * 4 + 256   # codes + scales + table
+    assert (
+        s["0"]["bytes"]
+        == ctx.analyses.cached(PackedWeights).weights["linear"].nbytes()
+        == 256 * 64 + 64 * 4 + 256
+    )  # codes + scales + table
     assert s["0"]["sqnr_db"] > 35 and s["2"]["sqnr_db"] > 35
-    assert any("quantize: W8 uniform/channel A8" in p for p in
-               next(n for n in gm.graph.nodes if n.name == "linear").meta[ir.PROVENANCE])
+    assert any(
+        "quantize: W8 uniform/channel A8" in p
+        for p in next(n for n in gm.graph.nodes if n.name == "linear").meta[ir.PROVENANCE]
+    )
 
 
 def test_lower_bits_lower_sqnr_and_float_nodes():
@@ -62,11 +69,13 @@ def test_nan_weight_names_the_node():
     def poison(gm):
         with torch.no_grad():
             ir.get_attr_value(gm, "0.weight")[0, 0] = float("nan")
+
     model = torch.nn.Sequential(torch.nn.Linear(16, 4))
     with pytest.raises(ConfigError, match=r"node 'linear' \(module '0'\).*NaN"):
         run(model, torch.randn(2, 16), {"bits": 4}, passes="assign-precision,quantize", gm_hook=poison)
 
 
+@pytest.mark.slow   # a full real-size compile (CI runs the slow tier)
 def test_bcresnet_w8a8_keeps_accuracy(shared):
     """End to end on the pretrained keyword spotter (skipped when ../shared is absent; ~15 s)."""
     import fxquant
@@ -74,11 +83,13 @@ def test_bcresnet_w8a8_keeps_accuracy(shared):
 
     model = load_bcresnet()
     train, _ = fsdd_features("train")
-    calib = [(train[i:i + 16],) for i in range(0, 64, 16)]
-    cm = fxquant.compile_lowbit(model, (train[:2],), bits=8, calibration=calib, target="reference", progress=False)
+    calib = [(train[i : i + 16],) for i in range(0, 64, 16)]
+    cm = fxquant.compile_lowbit(
+        model, (train[:2],), bits=8, calibration=calib, target="reference", progress=False
+    )
     fp32, total = keyword_accuracy(model, "test")
     w8, _ = keyword_accuracy(cm, "test")
-    assert total == 300 and abs(fp32 - w8) <= 3          # within 1 point on the 300 test clips
+    assert total == 300 and abs(fp32 - w8) <= 3  # within 1 point on the 300 test clips
     assert cm.summary()["model_bytes"] < 0.6 * cm.fp32_bytes
 
 
@@ -92,9 +103,9 @@ def test_quantize_reuses_a_result_already_in_the_shared_cache():
     ctx = PassContext(example_inputs=(x,), calibration=[(x,)], config={"bits": 4})
     gm = PassManager("calibrate,assign-precision").run(gm, ctx)
     node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
-    early = quant_cache(ctx).quantize(**quant_args(gm, node)[0])              # e.g. by the sensitivity pass
+    early = quant_cache(ctx).quantize(**quant_args(gm, node)[0])  # e.g. by the sensitivity pass
     gm = PassManager("quantize").run(gm, ctx)
-    assert ctx.state["qweights"][node.name] is early and quant_cache(ctx).hits == 1
+    assert ctx.analyses.cached(PackedWeights).weights[node.name] is early and quant_cache(ctx).hits == 1
 
 
 def test_map_layers_keeps_order_and_results_across_threads():
@@ -102,7 +113,7 @@ def test_map_layers_keeps_order_and_results_across_threads():
     from fxquant.passes.quantize import map_layers
 
     base = torch.randn(64, 96)
-    ws = [base * (i + 1) for i in range(5)]                                  # scales grow with i: order visible
+    ws = [base * (i + 1) for i in range(5)]  # scales grow with i: order visible
     one = map_layers(lambda w: quantize_weight(w, 3, "uniform", "group", 32), ws, workers=1)
     two = map_layers(lambda w: quantize_weight(w, 3, "uniform", "group", 32), ws, workers=2)
     assert all(torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) for a, b in zip(one, two))

@@ -8,6 +8,7 @@ from fxquant.passmanager import PassManager
 from fxquant.registry import PassContext
 from fxquant.sensitivity import plan, solve, tie_groups
 from fxquant.tracing import capture
+from fxquant.analysis import PrecisionPlan, SensitivityTable
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +19,10 @@ class TwoBranch(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.pa, self.pb = torch.nn.Sequential(torch.nn.Linear(64, 64)), torch.nn.Sequential(torch.nn.Linear(64, 64))
+        self.pa, self.pb = (
+            torch.nn.Sequential(torch.nn.Linear(64, 64)),
+            torch.nn.Sequential(torch.nn.Linear(64, 64)),
+        )
 
     def forward(self, x):
         return self.pa(x) + 0.01 * self.pb(x)
@@ -49,9 +53,11 @@ def test_solver_picks_less_sensitive_layer_and_meets_budget_exactly():
     gm, ctx = compiled(TwoBranch(), torch.randn(64, 64), {"avg_bits": 6.0, "scheme": "uniform"})
     d = decisions(gm)
     assert d["pa.0"].weight_bits == 8 and d["pb.0"].weight_bits == 4
-    assert ctx.state["precision"]["avg_bits"] == 6.0
+    assert ctx.analyses.cached(PrecisionPlan).avg_bits == 6.0
     assert d["pb.0"].decided_by == "budget:avg_bits=6"
-    sens = next(n for n in gm.graph.nodes if ir.module_of(n) == "pb.0" and ir.SENSITIVITY in n.meta).meta[ir.SENSITIVITY]
+    sens = next(n for n in gm.graph.nodes if ir.module_of(n) == "pb.0" and ir.SENSITIVITY in n.meta).meta[
+        ir.SENSITIVITY
+    ]
     assert sens["W2 uniform/channel A8"] > sens["W4 uniform/channel A8"] > sens["W8 uniform/channel A8"] > 0
 
 
@@ -60,7 +66,7 @@ def test_sensitivity_skipped_without_budget_and_kl_for_log_probs():
     assert not any(ir.SENSITIVITY in n.meta for n in gm.graph.nodes)
     model = torch.nn.Sequential(torch.nn.Linear(16, 10), torch.nn.LogSoftmax(-1))
     _, ctx = compiled(model, torch.randn(8, 16), {"avg_bits": 4}, passes="calibrate,sensitivity")
-    assert ctx.state["sensitivity_metric"] == "kl"
+    assert ctx.analyses.cached(SensitivityTable).metric == "kl"
 
 
 def test_solve_budget_bytes_and_too_small_budget():
@@ -97,9 +103,11 @@ def test_rules_pin_nodes_under_a_budget():
     gm, ctx = compiled(TwoBranch(), torch.randn(32, 64), {"avg_bits": 5.0, "rules": {"pa.0": 8}})
     d = decisions(gm)
     assert d["pa.0"].weight_bits == 8 and d["pa.0"].decided_by == "rule:pa.0"
-    assert d["pb.0"].weight_bits == 2 and ctx.state["precision"]["avg_bits"] == 5.0
-    gm, _ = compiled(TwoBranch(), torch.randn(32, 64), {"avg_bits": 4.0, "rules": {"pb.*": {"scheme": "codebook"}}})
-    assert decisions(gm)["pb.0"].scheme == "codebook"       # a dict without bits restricts candidates
+    assert d["pb.0"].weight_bits == 2 and ctx.analyses.cached(PrecisionPlan).avg_bits == 5.0
+    gm, _ = compiled(
+        TwoBranch(), torch.randn(32, 64), {"avg_bits": 4.0, "rules": {"pb.*": {"scheme": "codebook"}}}
+    )
+    assert decisions(gm)["pb.0"].scheme == "codebook"  # a dict without bits restricts candidates
 
 
 def test_measurement_never_writes_the_models_weights():

@@ -41,7 +41,9 @@ def test_tied_lookup_shares_the_packed_table(tmp_path):
     loaded = fxquant.load(path)
     assert torch.equal(loaded(tokens), cm(tokens))
     lm = [m for m in loaded.graph_module.modules() if isinstance(m, LowbitEmbedding)][0]
-    lp = [m for m in loaded.graph_module.modules() if isinstance(m, LowbitLinear) and m.codes.shape == (300, 64)][0]
+    lp = [
+        m for m in loaded.graph_module.modules() if isinstance(m, LowbitLinear) and m.codes.shape == (300, 64)
+    ][0]
     assert lm.codes is lp.codes
 
 
