@@ -77,7 +77,7 @@ def test_tampered_or_foreign_folders_are_refused(compiled_w8, tmp_path):
 
 
 def test_one_budget_over_the_whole_model(small_ckpt, cal_waves):
-    cw = compile_whisper(small_ckpt, avg_bits=4, calibration_waves=cal_waves, target="reference")
+    cw = compile_whisper(small_ckpt, avg_bits=4, calibration_waves=cal_waves, target="reference", max_batches=1)
     rows = [r for cm in cw.modules().values() for r in cm.report_rows()]
     assert {r["decided_by"] for r in rows} == {"budget:avg_bits=4 (whole model)"}
     bits = {r["format"].split()[0] for r in rows}
