@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -26,6 +28,9 @@ __all__ = [
     "StaticLowbitLinear",
     "StaticLowbitConv",
 ]
+
+GPTQ_MIN_ROWS_PER_INPUT = 2     # rounding='gptq' needs calibration rows >= this * K, else nearest
+
 
 
 def static_linear(x: torch.Tensor, qw: QuantizedWeight, bias, act_scale: torch.Tensor) -> torch.Tensor:
@@ -135,6 +140,18 @@ def quant_args(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, str | None]:
             else "H not collected (grouped conv or K too large)"
         )
         note = f"gptq -> nearest rounding: {why}"
+    elif rounding == "gptq" and stats.get("rows", 0) < GPTQ_MIN_ROWS_PER_INPUT * hessian.shape[0]:
+        # With fewer rows than input channels H is singular: GPTQ then moves the rounding error into
+        # directions calibration never saw (measured: Whisper tiny.en avg 3 bits, decoder calibrated on ~200
+        # tokens for K = 384, WER 15.4 % -> 88.4 % on 60 LJ Speech clips).
+        rounding, hessian = "nearest", None
+        rows, k = stats.get("rows", 0), stats["H"].shape[0]
+        need = GPTQ_MIN_ROWS_PER_INPUT
+        note = (f"gptq -> nearest rounding: {rows} calibration rows for K={k} input channels "
+                f"(GPTQ needs >= {need}K; add calibration data)")
+        warnings.warn(f"gptq: too few calibration rows for some layers, which fall back to nearest "
+                      f"rounding (see the report's provenance); add calibration data (>= {need} rows per "
+                      f"input channel)", stacklevel=2)
     args = dict(
         weight=ir.node_weight(gm, node),
         bits=d.weight_bits,

@@ -65,6 +65,18 @@ def test_gptq_falls_back_to_nearest_for_grouped_conv():
     assert any("gptq -> nearest" in p for p in node.meta[ir.PROVENANCE])
 
 
+def test_gptq_needs_more_calibration_rows_than_input_channels():
+    """Fewer rows than 2K: H is (near) singular, GPTQ would push error where calibration never looked."""
+    model = torch.nn.Linear(128, 64)
+    with pytest.warns(UserWarning, match="too few calibration rows"):
+        gm, _ = run(model, torch.randn(100, 128), {"bits": 3, "gptq": True})
+    node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
+    assert any("100 calibration rows for K=128" in p for p in node.meta[ir.PROVENANCE])
+    gm, _ = run(model, torch.randn(256, 128), {"bits": 3, "gptq": True})
+    node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
+    assert not any("gptq -> nearest" in p for p in node.meta[ir.PROVENANCE])
+
+
 def test_nan_weight_names_the_node():
     def poison(gm):
         with torch.no_grad():
