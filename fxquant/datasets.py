@@ -3,9 +3,9 @@
 FSDD lives at <shared>/data/fsdd as {digit}_{speaker}_{take}.wav (8 kHz); takes 0-4 are the test
 split, 5-49 the training split. The shared dir is ../shared next to the repo root, or $FXQUANT_SHARED.
 
-Example:
+Example (needs ../shared; each item is a 16 kHz float wave and its words, e.g. ['four', 'one']):
     >>> test = digit_test_set(n=300, seed=0)       # doctest: +SKIP
-    >>> wave, words = test[0]                       # wave: 16 kHz float tensor, words: ['four', 'one']
+    >>> wave, words = test[0]                       # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -16,9 +16,8 @@ from tests.test_architecture import ROOT, module_files
 
 MODULES = sorted(module_files(ROOT))
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-# Examples that fail as written in files other work streams own right now (follow-up for their owners):
-# they use a name from a skipped line (`test`, `feats`) instead of being self-contained.
-FAILING_AS_WRITTEN = {"fxquant.datasets", "fxquant.models.bcresnet"}
+# Modules whose examples are known to fail as written (strict xfail: the test fails once they are fixed).
+FAILING_AS_WRITTEN: set[str] = set()
 
 
 def _examples(module) -> list[doctest.DocTest]:
@@ -27,7 +26,7 @@ def _examples(module) -> list[doctest.DocTest]:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="example fails as written; owned elsewhere"))
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="example known to fail as written"))
     if m in FAILING_AS_WRITTEN else m for m in MODULES])
 def test_docstring_examples_run(name, tmp_path, monkeypatch):
     module = importlib.import_module(name)

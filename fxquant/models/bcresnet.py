@@ -167,7 +167,7 @@ def fsdd_features(split: str = "all", root=None, pad: str = "crop", cache_path=N
 
     Example:
         >>> feats, digits = fsdd_features("test")     # doctest: +SKIP
-        >>> feats.shape
+        >>> feats.shape                                  # doctest: +SKIP
         torch.Size([300, 1, 40, 32])
     """
     if pad not in PAD_MODES:
