@@ -46,9 +46,9 @@ DEFAULT_VARIANTS = "fp32,W8A8,mixed-4.0,mixed-3.0"
 
 def train_fold(builder, steps: int, args) -> tuple[torch.nn.Module, float, float]:
     """A fresh DigitsCTC trained on `builder`'s speakers (the scripts/train_digits.py recipe): model, wall s, CPU s."""
-    from train_digits import spec_augment
+    from train_digits import train_step
 
-    from fxquant.models.digits import BLANK, VOCAB, DigitsConfig, DigitsCTC, batch_features
+    from fxquant.models.digits import BLANK, DigitsConfig, DigitsCTC
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -61,19 +61,7 @@ def train_fold(builder, steps: int, args) -> tuple[torch.nn.Module, float, float
     model.train()
     loss_sum = 0.0
     for step in range(steps):
-        batch = [builder.sample(rng, augment=True) for _ in range(args.batch_size)]
-        feats, lengths = batch_features([w for w, _ in batch])
-        feats = spec_augment(feats, lengths, gen)
-        targets = torch.tensor([VOCAB.index(word) for _, words in batch for word in words])
-        target_lengths = torch.tensor([len(words) for _, words in batch])
-        log_probs = model(feats)
-        loss = ctc(log_probs.transpose(0, 1), targets, model.output_lengths(lengths), target_lengths)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        loss_sum += float(loss.detach())
+        loss_sum += train_step(model, builder, rng, gen, args.batch_size, ctc, opt, sched)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"  step {step + 1}/{steps} loss {loss_sum / 100:.4f} {time.time() - t0:.0f}s", file=sys.stderr,
                   flush=True)

@@ -42,6 +42,23 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, gen: torch.Generato
     return feats
 
 
+def train_step(model, builder, rng, gen, batch_size: int, ctc, opt, sched) -> float:
+    """One CTC step on a fresh batch of augmented digit strings (SpecAugment, clipped gradients); the loss."""
+    batch = [builder.sample(rng, augment=True) for _ in range(batch_size)]
+    feats, lengths = batch_features([w for w, _ in batch])
+    feats = spec_augment(feats, lengths, gen)
+    targets = torch.tensor([VOCAB.index(word) for _, words in batch for word in words])
+    target_lengths = torch.tensor([len(words) for _, words in batch])
+    log_probs = model(feats)                                   # (B, T', V)
+    loss = ctc(log_probs.transpose(0, 1), targets, model.output_lengths(lengths), target_lengths)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def evaluate(model, test_set) -> float:
     model.eval()
     hyps = transcribe_batch(model, [w for w, _ in test_set], batch_size=1)
@@ -81,19 +98,7 @@ def main(argv=None) -> int:
         model.train()
         t_epoch, loss_sum = time.time(), 0.0
         for _ in range(args.steps_per_epoch):
-            batch = [builder.sample(rng, augment=True) for _ in range(args.batch_size)]
-            feats, lengths = batch_features([w for w, _ in batch])
-            feats = spec_augment(feats, lengths, gen)
-            targets = torch.tensor([VOCAB.index(word) for _, words in batch for word in words])
-            target_lengths = torch.tensor([len(words) for _, words in batch])
-            log_probs = model(feats)                                   # (B, T', V)
-            loss = ctc(log_probs.transpose(0, 1), targets, model.output_lengths(lengths), target_lengths)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
+            loss_sum += train_step(model, builder, rng, gen, args.batch_size, ctc, opt, sched)
         quick = evaluate(model, test_set[:50])
         print(f"epoch {epoch + 1}/{args.epochs} loss {loss_sum / args.steps_per_epoch:.4f} "
               f"WER(50 test strings) {100 * quick:.2f}% {time.time() - t_epoch:.0f}s", flush=True)
