@@ -74,19 +74,22 @@ def fsdd_sentences(n: int, split: str = "test", seed: int = 0, min_digits: int =
     return out
 
 
-def calibration_recipe(n: int = 8, english: int = 0) -> str:
-    """What `calibration_waves(n, english=english)` returns on this machine, e.g. 'fsdd8' or 'english16'."""
+FALLBACK_ENGLISH = 16      # shipped English clips used when ../shared (FSDD) is absent
+
+
+def _calibration_counts(n: int, english: int) -> tuple[int, int]:
+    """(English clips, FSDD sentences) that calibration_waves(n, english=english) uses on this machine."""
     try:
         fsdd_clips("train")
-        have_fsdd = True
     except FileNotFoundError:
-        have_fsdd = False
-    if not have_fsdd and not english:
-        english = FALLBACK_ENGLISH
-    return "+".join(f"{k}{v}" for k, v in (("english", english), ("fsdd", n if have_fsdd else 0)) if v) or "none"
+        return english or FALLBACK_ENGLISH, 0
+    return english, n
 
 
-FALLBACK_ENGLISH = 16      # shipped English clips used when ../shared (FSDD) is absent
+def calibration_recipe(n: int = 8, english: int = 0) -> str:
+    """What `calibration_waves(n, english=english)` returns on this machine, e.g. 'fsdd8' or 'english16'."""
+    spoken, digits = _calibration_counts(n, english)
+    return "+".join(f"{k}{v}" for k, v in (("english", spoken), ("fsdd", digits)) if v) or "none"
 
 
 def calibration_waves(n: int = 8, seed: int = 1, english: int = 0) -> list[torch.Tensor]:
@@ -99,12 +102,10 @@ def calibration_waves(n: int = 8, seed: int = 1, english: int = 0) -> list[torch
     """
     from .calibration_speech import english_waves
 
-    try:
-        digits = [u.wave for u in fsdd_sentences(n, split="train", seed=seed, min_digits=8, max_digits=20)] if n else []
-    except FileNotFoundError:
-        digits = []
-        english = english or FALLBACK_ENGLISH
-    spoken = english_waves(english) if english else []
+    n_spoken, n_digits = _calibration_counts(n, english)
+    digits = [u.wave for u in fsdd_sentences(n_digits, split="train", seed=seed, min_digits=8, max_digits=20)
+              ] if n_digits else []
+    spoken = english_waves(n_spoken) if n_spoken else []
     out = []
     for i in range(max(len(spoken), len(digits))):
         out += spoken[i:i + 1] + digits[i:i + 1]
