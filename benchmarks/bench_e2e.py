@@ -1,229 +1,350 @@
-"""End-to-end Whisper-architecture speed: encoder over 30 s of audio and a 100-token greedy decode.
+"""End-to-end Whisper on the fair harness: encoder ms (one 30 s window), decode ms/token, model MiB, peak RSS.
 
-    python benchmarks/bench_e2e.py                       # tiny and base, every variant (about 15 min)
-    python benchmarks/bench_e2e.py --models tiny --quick # a smaller run
+    python benchmarks/bench_e2e.py                                   # whisper-tiny.en + random tiny, base
+    python benchmarks/bench_e2e.py --models whisper-tiny.en --quick  # a smaller run
+    python benchmarks/bench_e2e.py --load quiet --threads 2,1 --wait-policy passive
 
-Variants, all at batch 1 with the same thread count (default 2), each in its own process so peak RSS
-is its own: torch fp32, torch dynamic int8 (quantize_dynamic, fbgemm), CTranslate2 int8 (optional:
-`pip install ctranslate2 transformers`; a random-weight transformers Whisper of the same size converted
-with its converter), and fxquant at W8A8, mixed 4 bits and mixed 3 bits. Random weights are fine for
-speed. Prints medians and ratios; writes the table to benchmarks/E2E-<models>.md.
+Models: zoo names (real weights) or random presets (`tiny`, `base`: speed does not depend on weight values).
+Variants: CTranslate2 int8 on the checkpoint folder (intra_threads = the thread count; a random preset uses the
+real checkpoint of its size), fxquant W8A8 (int8 cross-attention K/V, the default) and W8A8 with fp32 K/V
+(kv_bits=None), avg 4 bits, torch fp32, torch dynamic int8. Real-weight fxquant variants are compiled once
+(bits8 / avg4 via fxquant.asr.compiled.cached_compile) and saved under --cache; the worker loads only that
+artifact. Every (model, variant, threads) runs in its own process (peak RSS = its ru_maxrss); inside it
+--blocks alternate quiet and busy (harness.busy_core), each block --rounds interleaved rounds of the encoder
+on a real LJ Speech window and a greedy decode of --tokens tokens with end-of-text suppressed (prefill, steps
+and cross cache; fxquant's loop under pool_owns_threads as its transcriber; CTranslate2: `generate` on its
+`encode` output with suppress_tokens=[-1, eot], as faster-whisper calls it) divided by the tokens. Writes
+benchmarks/E2E-<models>.md and .json: medians [quartiles], loads, ratios vs CTranslate2, busy/quiet, issue 12's goal.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
+import shutil
 import sys
-import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PROMPT = [50258, 50259, 50359, 50363]      # sot, en, transcribe, notimestamps
-EOT = 50257
-VARIANTS = ("torch-fp32", "torch-int8", "ct2-int8", "fxq-W8A8", "fxq-mixed-4", "fxq-mixed-3")
-FXQ = {"fxq-W8A8": {"bits": 8}, "fxq-mixed-4": {"avg_bits": 4.0}, "fxq-mixed-3": {"avg_bits": 3.0}}
+VARIANTS = ("ct2-int8", "fxq-W8A8", "fxq-W8A8-kvf32", "fxq-avg4", "torch-fp32", "torch-int8")
+FXQ = {"fxq-W8A8": {"bits": 8}, "fxq-W8A8-kvf32": {"bits": 8, "kv_bits": None}, "fxq-avg4": {"avg_bits": 4.0}}
+LABEL = {"fxq-W8A8": "fxq-W8A8 (int8 K/V)", "fxq-W8A8-kvf32": "fxq-W8A8 (fp32 K/V)"}
+PEER = {"tiny": "whisper-tiny.en", "base": "whisper-base"}   # real checkpoint of a random preset's size
+RANDOM_PROMPT, RANDOM_EOT = [50258, 50259, 50359, 50363], 50257
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="whisper-tiny.en,tiny,base")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--load", default="both", choices=["quiet", "busy", "both"])
+    p.add_argument("--threads", default="2", help="thread counts, e.g. 2,1")
+    p.add_argument("--wait-policy", choices=["default", "passive", "active"], default="default",
+                   help="OMP_WAIT_POLICY for torch, fxquant and CTranslate2 alike (default: unset)")
+    p.add_argument("--tokens", type=int, default=0, help="decoded tokens (default 100, --quick 50)")
+    p.add_argument("--rounds", type=int, default=0, help="rounds per block (default 5, --quick 3)")
+    p.add_argument("--blocks", type=int, default=0, help="alternating quiet/busy blocks (default 2, --quick 1)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--recompile", action="store_true", help="compile the real-weight artifacts again")
+    p.add_argument("--cache", default=str(Path(os.environ.get("FXQUANT_CACHE_DIR", Path.home() / ".cache" /
+                                                             "fxquant")) / "bench"))
+    p.add_argument("--out", default=None, help="results file (default benchmarks/E2E-<models>.md)")
+    p.add_argument("--prepare", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("PREP", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.tokens = args.tokens or (50 if args.quick else 100)
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.blocks = args.blocks or (1 if args.quick else 2)
+    if not all(t.isdigit() and int(t) > 0 for t in args.threads.split(",")):
+        p.error(f"--threads takes positive whole numbers separated by commas, got {args.threads!r}")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    for m in args.models.split(","):
+        if m not in PEER and not m.startswith("whisper-"):
+            p.error(f"model {m!r}: a zoo name (whisper-tiny.en, whisper-base) or a random preset (tiny, base)")
+    return args
 
 
-def _module_bytes(module) -> int:
-    from fxquant.evaluate import dynamic_int8_bytes, weight_stats
+# -- prepare (one process per model): features, artifacts, CTranslate2 folder ----------------------------------
+def prepare(args) -> None:
+    import numpy as np
 
-    if any(hasattr(m, "_packed_params") for m in module.modules()):
-        return dynamic_int8_bytes(module)[0]
-    return weight_stats(module)[0]
+    from fxquant.asr.data import ljspeech
+    from fxquant.asr.transcriber import split_windows
+    from fxquant.audio import load_audio
+    from fxquant.models.whisper_ckpt import load_checkpoint
+    from fxquant.models.whisper_text import WhisperTokenizer
+
+    model, cache = args.prepare, Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    mel = split_windows(load_audio(ljspeech(1)[0].path))[:1].numpy()
+    np.save(cache / "mel-lj0.npy", mel)
+    ckpt = load_checkpoint(PEER.get(model, model))
+    tok = WhisperTokenizer.from_file(ckpt.directory / "tokenizer.json")
+    out = {"model": model, "mel": str(cache / "mel-lj0.npy"), "artifacts": {},
+           "ct2": {"dir": str(ckpt.directory), "prompt": tok.sot_sequence(language="en" if tok.multilingual else None),
+                   "eot": tok.eot, "bytes": _int8_bytes(ckpt.model), "peer": ckpt.name}}
+    out.update({"prompt": out["ct2"]["prompt"], "eot": tok.eot} if model not in PEER else
+               {"prompt": RANDOM_PROMPT, "eot": RANDOM_EOT})
+    for variant in args.variants.split(","):
+        if model not in PEER and variant in FXQ:
+            out["artifacts"][variant] = str(_artifact(ckpt, variant, cache, args.recompile))
+    harness.print_result(out)
 
 
-def run_torch_or_fxq(preset: str, variant: str, tokens: int, reps: int) -> dict:
+def _int8_bytes(model) -> int:
+    """CTranslate2 int8's weight bytes, estimated: 1 byte per matrix weight + fp32 row scales + fp32 rest."""
+    return sum(p.numel() + 4 * p.shape[0] if p.dim() >= 2 else 4 * p.numel() for p in model.parameters())
+
+
+def _artifact(ckpt, variant: str, cache: Path, recompile: bool) -> Path:
+    """A saved compiled Whisper for `variant` (compiled once; bits8 / avg4 through the zoo's on-disk cache)."""
     import fxquant
-    from fxquant.evaluate import torch_dynamic_int8
-    from fxquant.models.whisper import DecoderCrossCache, DecoderStep, greedy_decode, whisper_random
+    from fxquant.asr.compiled import CompiledWhisper, cached_compile, compile_whisper
 
-    model = whisper_random(preset, seed=0, std=0.02)
-    mel = torch.randn(1, model.dims.n_mels, 2 * model.dims.n_audio_ctx)
-    encoder, cross, step = model.encoder, DecoderCrossCache(model.decoder), DecoderStep(model.decoder)
-    compile_s = 0.0
-    if variant == "torch-int8":
-        encoder, cross, step = (torch_dynamic_int8(m) for m in (encoder, cross, step))
-    elif variant in FXQ:
-        start = time.perf_counter()
-        with torch.no_grad():
-            audio = model.encoder(mel)
-            kv = model.decoder.cross_cache(audio)
-        step_inputs = (torch.tensor([PROMPT]), kv, model.decoder.empty_cache(1), torch.tensor(0))
-        encoder = fxquant.compile_lowbit(model.encoder, (mel,), **FXQ[variant])
-        cross = fxquant.compile_lowbit(cross, (audio,), **FXQ[variant])
-        step = fxquant.compile_lowbit(step, step_inputs, **FXQ[variant])
-        compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        encoder(mel)  # warm up
-        enc = _median_time(lambda: encoder(mel), reps)
-
-        def decode():
-            out = greedy_decode(model, mel, PROMPT, tokens, eot=-1, encoder=lambda m: audio_cached,
-                                cross_cache=cross, step=lambda t, c, s, o: step(t, c, s, torch.as_tensor(o)))
-            assert len(out) == tokens, f"decoded {len(out)} tokens, expected {tokens}"
-
-        audio_cached = encoder(mel)
-        decode()
-        dec = _median_time(decode, reps)
-    size = _module_bytes(encoder) + _decoder_bytes(model, step, cross, variant)
-    return {"encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * dec / tokens, "model_bytes": size,
-            "compile_s": compile_s}
+    st = (ckpt.directory / "model.bin").stat() if (ckpt.directory / "model.bin").exists() else None
+    src = json.dumps([fxquant.__version__, str(ckpt.directory), st and [st.st_size, st.st_mtime], FXQ[variant]])
+    folder = cache / "artifacts" / f"{ckpt.name}-{variant}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+    if recompile and folder.exists():
+        shutil.rmtree(folder)
+    if (folder / "whisper.json").is_file():
+        return folder
+    opts = FXQ[variant]
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if set(opts) <= {"bits", "avg_bits"} and not recompile:
+        cw: CompiledWhisper = cached_compile(ckpt, **opts, log=log)
+    else:
+        cw = compile_whisper(ckpt, **opts)
+    cw.save(folder)
+    return folder
 
 
-def _decoder_bytes(model, step, cross, variant: str) -> int:
-    """Decoder bytes counted once even though the step and cross-cache modules share parameters."""
-    if variant == "torch-fp32":
-        return _module_bytes(model.decoder)
-    if variant == "torch-int8":
-        return _module_bytes(step)  # DecoderStep wraps the whole (quantized) decoder
-    return _module_bytes(step) + sum(r["bytes"] for r in cross.report_rows())
-
-
-def _ct2_model(preset: str, cache: Path):
-    import ctranslate2
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-    from ctranslate2.converters import TransformersConverter
-
-    from fxquant.models.whisper import PRESETS
-
-    d = PRESETS[preset]
-    out = cache / f"ct2-whisper-{preset}-int8"
-    if not (out / "model.bin").exists():
-        torch.manual_seed(0)
-        cfg = WhisperConfig(vocab_size=d.n_vocab, num_mel_bins=d.n_mels, encoder_layers=d.n_audio_layer,
-                            decoder_layers=d.n_text_layer, d_model=d.n_audio_state,
-                            encoder_attention_heads=d.n_audio_head, decoder_attention_heads=d.n_text_head,
-                            encoder_ffn_dim=4 * d.n_audio_state, decoder_ffn_dim=4 * d.n_text_state,
-                            max_source_positions=d.n_audio_ctx, max_target_positions=d.n_text_ctx)
-        hf = cache / f"hf-whisper-{preset}"
-        WhisperForConditionalGeneration(cfg).save_pretrained(hf)
-        TransformersConverter(str(hf)).convert(str(out), quantization="int8", force=True)
-        vocab = [f"tok{i}" for i in range(d.n_vocab)]  # random weights: only the special tokens matter
-        specials = {EOT: "<|endoftext|>", 50258: "<|startoftranscript|>", 50259: "<|en|>", 50358: "<|translate|>",
-                    50359: "<|transcribe|>", 50360: "<|startoflm|>", 50361: "<|startofprev|>",
-                    50362: "<|nospeech|>", 50363: "<|notimestamps|>"}
-        for i, s in specials.items():
-            vocab[i] = s
-        (out / "vocabulary.json").write_text(json.dumps(vocab))
-    threads = torch.get_num_threads()
-    return ctranslate2.models.Whisper(str(out), device="cpu", compute_type="int8", intra_threads=threads), out
-
-
-def run_ct2(preset: str, tokens: int, reps: int, cache: Path) -> dict:
+# -- worker (one process per model, variant and thread count) -----------------------------------------------
+def _ct2_side(prep: dict, threads: int, tokens: int):
     import ctranslate2
     import numpy as np
 
-    from fxquant.models.whisper import PRESETS
+    c = prep["ct2"]
+    model = ctranslate2.models.Whisper(c["dir"], device="cpu", compute_type="int8", intra_threads=threads)
+    mel = ctranslate2.StorageView.from_array(np.load(prep["mel"]))
+    audio = model.encode(mel)
 
-    model, path = _ct2_model(preset, cache)
-    d = PRESETS[preset]
-    mel = ctranslate2.StorageView.from_array(np.random.default_rng(0).standard_normal(
-        (1, d.n_mels, 2 * d.n_audio_ctx)).astype(np.float32))
-    model.encode(mel)
-    enc = _median_time(lambda: model.encode(mel), reps)
+    def decode():
+        # CTranslate2 4.8 stops after max_length / 2 new tokens with a Whisper prompt (measured)
+        r = model.generate(audio, [c["prompt"]], max_length=2 * tokens, beam_size=1,
+                           suppress_tokens=[-1, c["eot"]], suppress_blank=False)
+        assert len(r[0].sequences_ids[0]) == tokens, f"CTranslate2 generated {len(r[0].sequences_ids[0])} tokens"
 
-    def generate():
-        # measured here: CTranslate2 4.8 stops after max_length / 2 new tokens with this prompt
-        r = model.generate(mel, [PROMPT], max_length=2 * tokens, beam_size=1, suppress_tokens=[EOT],
-                           suppress_blank=False)
-        n = len(r[0].sequences_ids[0])
-        assert n == tokens, f"CTranslate2 generated {n} tokens, expected {tokens}"
+    return (lambda: model.encode(mel)), decode, c["bytes"], 0.0
 
-    generate()
-    gen = _median_time(generate, reps)
-    return {"encoder_ms": 1e3 * enc, "decode_ms_per_token": 1e3 * (gen - enc) / tokens,
-            "model_bytes": (path / "model.bin").stat().st_size, "compile_s": 0.0}
+
+def _torch_side(prep: dict, variant: str, tokens: int):
+    import time
+
+    import numpy as np
+    import torch
+
+    from fxquant.asr.decoding import ModelParts
+    from fxquant.evaluate import dynamic_int8_bytes, torch_dynamic_int8, weight_stats
+
+    mel = torch.from_numpy(np.load(prep["mel"]))
+    compile_s = 0.0
+    if variant in prep["artifacts"]:
+        from fxquant.asr.compiled import CompiledWhisper
+        cw = CompiledWhisper.load(prep["artifacts"][variant])
+        parts, nbytes = cw.parts(), cw.packed_bytes()
+    else:
+        from fxquant.models.whisper import DecoderCrossCache, DecoderStep, whisper_random
+        from fxquant.models.whisper_ckpt import load_checkpoint
+        model = load_checkpoint(prep["model"]).model if prep["model"].startswith("whisper-") else \
+            whisper_random(prep["model"], seed=0, std=0.02)
+        d = model.dims
+        mods = [model.encoder, DecoderCrossCache(model.decoder), DecoderStep(model.decoder)]
+        if variant == "torch-int8":
+            mods = [torch_dynamic_int8(m) for m in mods]
+            nbytes = dynamic_int8_bytes(mods[0])[0] + dynamic_int8_bytes(mods[2])[0]
+        elif variant in FXQ:
+            import fxquant
+            start = time.perf_counter()
+            with torch.no_grad():
+                audio = model.encoder(mel)
+                step_in = (torch.tensor([prep["prompt"]]), model.decoder.cross_cache(audio),
+                           model.decoder.empty_cache(1), torch.tensor(0))
+            mods = [fxquant.compile_lowbit(m, x, **FXQ[variant]) for m, x in zip(mods, [(mel,), (audio,), step_in])]
+            compile_s = time.perf_counter() - start
+            nbytes = _packed_bytes(mods)
+        else:
+            nbytes = weight_stats(model.encoder)[0] + weight_stats(model.decoder)[0]
+        parts = ModelParts(*mods, d.n_text_layer, d.n_text_head, d.n_text_state, d.n_text_ctx,
+                           kernel_owned_threads=variant in FXQ)
+    with torch.no_grad():
+        audio = parts.encoder(mel)
+
+    def encoder():
+        with torch.no_grad():
+            parts.encoder(mel)
+
+    return encoder, lambda: _decode(parts, audio, prep["prompt"], prep["eot"], tokens), nbytes, compile_s
+
+
+def _packed_bytes(modules) -> int:
+    """Weight bytes of compiled parts, tables shared by the step and the cross cache counted once."""
+    seen = {}
+    for i, cm in enumerate(modules):
+        for r in cm.report_rows():
+            seen[r.get("weight_id") or f"{i}:{r['node']}"] = r["bytes"]
+    return sum(seen.values())
+
+
+def _decode(parts, audio, prompt: list[int], eot: int, n: int) -> None:
+    """Greedy decode of exactly n tokens (end-of-text masked): prompt prefill, then n - 1 single-token steps."""
+    import contextlib
+
+    import torch
+
+    if parts.kernel_owned_threads:
+        from fxquant.codegen.threadpool import pool_owns_threads
+        threads = pool_owns_threads()
+    else:
+        threads = contextlib.nullcontext()
+    with threads, torch.no_grad():
+        cross = parts.cross_cache(audio)
+        cache = parts.empty_cache(1).to(cross.dtype)
+        logits, cache = parts.step(torch.tensor([prompt]), cross, cache, torch.tensor(0))
+        for i in range(n):
+            row = logits[0, -1].clone()
+            row[eot] = float("-inf")
+            nxt = int(row.argmax())
+            if i < n - 1:
+                logits, cache = parts.step(torch.tensor([[nxt]]), cross, cache, torch.tensor(len(prompt) + i))
 
 
 def worker(args) -> None:
-    torch.set_num_threads(args.threads)
-    if args.variant == "ct2-int8":
-        result = run_ct2(args.models, args.tokens, args.reps, Path(args.cache))
+    import resource
+    import time
+
+    prep_file, variant = args.worker
+    prep = json.loads(Path(prep_file).read_text())
+    threads = int(args.threads)
+    start = time.perf_counter()
+    if variant == "ct2-int8":
+        encoder, decode, nbytes, compile_s = _ct2_side(prep, threads, args.tokens)
     else:
-        result = run_torch_or_fxq(args.models, args.variant, args.tokens, args.reps)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
+        import torch
+        torch.set_num_threads(threads)
+        encoder, decode, nbytes, compile_s = _torch_side(prep, variant, args.tokens)
+    setup_s = time.perf_counter() - start
+    loads = {"quiet": [False], "busy": [True], "both": [False, True]}[args.load]
+    runs = harness.alternating({"encoder": encoder, "decode": decode}, threads, loads, args.blocks, args.rounds,
+                               torch_threads=variant != "ct2-int8")
+    harness.print_result({
+        "variant": variant, "threads": threads, "model_bytes": nbytes, "compile_s": compile_s, "setup_s": setup_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "runs": {("busy" if busy else "quiet"): {
+            "encoder": harness.Stats.of(r["samples"]["encoder"]), "conditions": r["conditions"],
+            "decode": harness.Stats.of([t / args.tokens for t in r["samples"]["decode"]])} for busy, r in runs.items()}})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny,base")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--tokens", type=int, default=100)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="3 reps, 50 tokens")
-    p.add_argument("--cache", default=str(Path(os.environ.get("FXQUANT_CACHE_DIR", Path.home() / ".cache" / "fxquant"))
-                                         / "bench"))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.quick:
-        args.reps, args.tokens = 3, 50
-    if args.worker:
-        return worker(args)
+# -- parent: run the workers, write the tables -----------------------------------------------------------------
+def main(args) -> None:
     from tabulate import tabulate
 
-    Path(args.cache).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for preset in args.models.split(","):
-        results = {}
-        for variant in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--models", preset, "--variant", variant, "--tokens",
-                   str(args.tokens), "--reps", str(args.reps), "--threads", str(args.threads), "--cache", args.cache]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{preset} {variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results[variant] = json.loads(line[7:])
-            print(f"{preset} {variant}: {results[variant]}", file=sys.stderr)
-        base = results.get("ct2-int8") or results.get("torch-int8")
-        fp32 = results.get("torch-fp32")
-        for variant, r in results.items():
-            rows.append([preset, variant, f"{r['encoder_ms']:.0f}", f"{r['decode_ms_per_token']:.2f}",
-                         f"{r['model_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
-                         f"{base['encoder_ms'] / r['encoder_ms']:.2f}x" if base else "",
-                         f"{base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x" if base else "",
-                         f"{fp32['model_bytes'] / r['model_bytes']:.1f}x" if fp32 else ""])
-    ref = "CTranslate2 int8" if "ct2-int8" in args.variants else "torch int8"
-    table = tabulate(rows, headers=["model", "variant", "encoder ms (30 s)", "decode ms/token", "model MiB",
-                                    "peak RSS MiB", f"encoder vs {ref}", f"decode vs {ref}", "smaller than fp32"],
-                     tablefmt="github")
-    header = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
-              f"({_cpu_name()}), {args.threads} threads, torch {torch.__version__}, batch 1, "
-              f"{args.tokens} decoded tokens, medians of {args.reps} runs.\n\n")
-    print(table)
-    out = HERE / f"E2E-{args.models.replace(',', '-')}.md"
-    out.write_text(f"# End-to-end Whisper benchmark\n\n`python benchmarks/bench_e2e.py {' '.join(sys.argv[1:])}`\n\n"
-                   + header + table + "\n")
+    cache, threads_list = Path(args.cache), [int(t) for t in args.threads.split(",")]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--variants", args.variants, "--cache", args.cache, "--tokens", str(args.tokens), "--rounds",
+              str(args.rounds), "--blocks", str(args.blocks), "--load", args.load]
+    results = []                     # (model, result)
+    for model in args.models.split(","):
+        print(f"{model}: preparing (features, compiled artifacts) ...", file=sys.stderr, flush=True)
+        prep = harness.run_child([*me, "--prepare", model, *common] + (["--recompile"] if args.recompile else []))
+        prep_file = cache / f"prep-{model}.json"
+        prep_file.write_text(json.dumps(prep.result()))
+        for threads in threads_list:
+            for variant in args.variants.split(","):
+                child = harness.run_child([*me, "--worker", str(prep_file), variant, "--threads", str(threads),
+                                           *common])
+                try:
+                    r = child.result()
+                except RuntimeError as exc:
+                    print(f"{model} {variant} {threads}t: {exc}", file=sys.stderr)
+                    continue
+                results.append((model, r))
+                print(f"{model} {variant} {threads}t: " + "; ".join(
+                    f"{k} enc {v['encoder']['median_us'] / 1e3:.0f} ms dec {v['decode']['median_us'] / 1e3:.2f}"
+                    f" ms/tok" for k, v in r["runs"].items()), file=sys.stderr, flush=True)
+    text, data = report(args, results, tabulate)
+    print(text)
+    out = Path(args.out) if args.out else HERE / f"E2E-{args.models.replace(',', '-')}.md"
+    harness.write_results(out, text, data)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+def report(args, results, tabulate) -> tuple[str, dict]:
+    def med(r, load, part):
+        return r["runs"][load][part]["median_us"] / 1e3
+
+    def cell(r, load, part, digits):
+        return harness.Stats(**r["runs"][load][part]).cell(digits, 1e-3)
+
+    key = {(m, r["variant"], r["threads"]): r for m, r in results}
+    rows, ratio_rows, goal_rows, conds = [], [], [], {}
+    for m, r in results:
+        ct2 = key.get((m, "ct2-int8", r["threads"]))
+        for load, run in r["runs"].items():
+            for c in run["conditions"]:
+                first = conds.setdefault((r["threads"], load), dict(c, wait_policy=dict(c["wait_policy"])))
+                first["load_after"] = c["load_after"]
+                first["wait_policy"].update(c["wait_policy"])   # the CTranslate2 worker has no fxquant pool
+            vs = [f"{med(ct2, load, p) / med(r, load, p):.2f}x" if ct2 and load in ct2["runs"] else ""
+                  for p in ("encoder", "decode")]
+            rows.append([m, LABEL.get(r["variant"], r["variant"]), r["threads"], load, cell(r, load, "encoder", 0),
+                         cell(r, load, "decode", 2), f"{r['model_bytes'] / 2**20:.1f}", f"{r['peak_rss_mib']:.0f}",
+                         *vs, f"{r['compile_s']:.0f}" if r["compile_s"] else ""])
+        if {"quiet", "busy"} <= set(r["runs"]):
+            bq = [med(r, "busy", p) / med(r, "quiet", p) for p in ("encoder", "decode")]
+            ratio_rows.append([m, LABEL.get(r["variant"], r["variant"]), r["threads"], f"{bq[0]:.2f}", f"{bq[1]:.2f}"])
+            if m.startswith("whisper-") and r["variant"] in FXQ and ct2 and "busy" in ct2["runs"]:
+                for p, name in (("encoder", "encoder ms"), ("decode", "decode ms/token")):
+                    ours, peer = med(r, "busy", p), med(ct2, "busy", p)
+                    ok = bq[p == "decode"] <= 2 and ours <= peer
+                    goal_rows.append([m, LABEL.get(r["variant"], r["variant"]), r["threads"], name,
+                                      f"busy <= 2x quiet and <= CT2 busy ({peer:.2f})",
+                                      f"{ours:.2f} ({bq[p == 'decode']:.2f}x quiet)", "yes" if ok else "no"])
+    conditions = [harness.Condition(**c) for c in conds.values()]
+    text = harness.header("End-to-end Whisper benchmark (fair harness)", conditions,
+                          times="Times in ms: medians of interleaved rounds, [first-third quartile] beside them.")
+    text += (f"\nBatch 1; encoder = one 30 s window (LJ Speech LJ001-0001); decode = {args.tokens} greedy tokens "
+             f"(end-of-text suppressed; prefill + steps + cross cache) / {args.tokens}; times in ms, median "
+             f"[quartiles] of {args.blocks} block(s) x {args.rounds} rounds per load; each row its own "
+             f"process (peak RSS = its ru_maxrss). `busy` = one busy-loop process on one core. vs CT2 = CTranslate2 "
+             f"int8 time / this time at the same model, threads and load (> 1: faster than CTranslate2); random "
+             f"presets are compared with CTranslate2 on the real checkpoint of their size (" +
+             ", ".join(f"{k}: {v}" for k, v in PEER.items()) + "). CTranslate2 model MiB: int8 weights + fp32 "
+             f"scales and vectors, estimated from the checkpoint's tensors (its model.bin is float16). "
+             f"\"compile s\": random-weight fxquant variants compile in the worker, so their peak RSS includes the "
+             f"compile (real-weight rows load a saved artifact).\n\n")
+    text += tabulate(rows, ["model", "variant", "threads", "load", "encoder ms", "decode ms/token", "model MiB",
+                            "peak RSS MiB", "encoder vs CT2", "decode vs CT2", "compile s"], tablefmt="github")
+    text += "\n\n## Effect of one busy core (median busy / median quiet)\n\n"
+    text += tabulate(ratio_rows, ["model", "variant", "threads", "encoder busy/quiet", "decode busy/quiet"],
+                     tablefmt="github") if ratio_rows else "(needs --load both)"
+    text += "\n\n## Issue 12 goal: one core busy, real weights (ms)\n\n"
+    text += tabulate(goal_rows, ["model", "variant", "threads", "figure", "goal", "measured", "met"],
+                     tablefmt="github") if goal_rows else "(needs --load both, a real model and ct2-int8)"
+    return text + "\n", {"machine": harness.machine(), "args": vars(args), "results": results}
 
 
 if __name__ == "__main__":
-    main()
+    ARGS = parse_args()
+    if ARGS.wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = ARGS.wait_policy  # before torch / CTranslate2 load their OpenMP
+    if ARGS.prepare:
+        prepare(ARGS)
+    elif ARGS.worker:
+        worker(ARGS)
+    else:
+        main(ARGS)

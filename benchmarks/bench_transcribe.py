@@ -78,13 +78,24 @@ for i in range(0, len(todo), batch):
 '''
 
 
-def _run(cmd: list[str], env: dict) -> tuple[float, str]:
+# runs the command as its child and reports the child's peak resident memory (ru_maxrss, KiB on Linux)
+PEAK_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "p = subprocess.run(sys.argv[1:])\n"
+    "sys.stderr.write('\\nPEAK_RSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(p.returncode)\n"
+)
+
+
+def _run(cmd: list[str], env: dict) -> tuple[float, str, float]:
+    """(wall seconds, stdout, peak RSS MiB) of one run of `cmd` (the wrapper's start is in the time)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd[:6])} ...\n{proc.stderr[-3000:]}")
-    return elapsed, proc.stdout
+    peak = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+    return elapsed, proc.stdout, int(peak[-1]) / 1024
 
 
 def main() -> None:
@@ -129,31 +140,34 @@ def main() -> None:
             _run(cmd, env)
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in cmds}
+    peaks: dict[str, list[float]] = {name: [] for name in cmds}
     outputs = {}
     for r in range(args.rounds):
         order = list(cmds.items())
         for name, cmd in order[r % len(order):] + order[:r % len(order)]:
-            t, out = _run(cmd, env)
+            t, out, peak = _run(cmd, env)
             times[name].append(t)
+            peaks[name].append(peak)
             outputs[name] = out
-            print(f"round {r + 1} {name}: {t:.1f} s", file=sys.stderr)
+            print(f"round {r + 1} {name}: {t:.1f} s, peak RSS {peak:.0f} MiB", file=sys.stderr)
     load_after = os.getloadavg()
     base = statistics.median(times.get("ct2-int8 (batch 1)", times["fxquant"]))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append([name, f"{med:.2f}", f"{min(ts):.2f}-{max(ts):.2f}", f"{audio_s / med:.1f}x",
-                     f"{base / med:.2f}x"])
+                     f"{base / med:.2f}x", f"{max(peaks[name]):.0f}"])
     label = f"fxquant ({args.precision})"
     rows[0][0] = label
     table = tabulate(rows, headers=["variant", "median s", "min-max s", "real-time factor",
-                                    "vs fxquant" if args.no_ct2 else "vs CT2 batch 1"],
+                                    "vs fxquant" if args.no_ct2 else "vs CT2 batch 1", "peak RSS MiB"],
                      tablefmt="github")
     header = (f"`python benchmarks/bench_transcribe.py {' '.join(sys.argv[1:])}`\n\n"
               f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} ({_cpu()}), {args.threads} threads, "
               f"{len(files)} LJ Speech files ({audio_s:.0f} s of audio), whole process per run (start-up, model "
               f"load, features, decode), {args.rounds} interleaved rounds. Load average before "
-              f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores).\n\n")
+              f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores). Peak RSS: the largest resident set of the "
+              f"process over the rounds.\n\n")
     print(table)
     out = Path(args.out) if args.out else HERE / f"TRANSCRIBE-{args.model}.md"
     out.write_text(f"# Transcription wall time: {args.model}\n\n" + header + table + "\n")

@@ -53,9 +53,10 @@ class Stats:
         q = statistics.quantiles(us, n=4) if len(us) >= 2 else [us[0]] * 3
         return cls(statistics.median(us), q[0], q[2], us[0], us[-1], len(us))
 
-    def cell(self, digits: int = 1) -> str:
-        """'median [q1-q3]' for a table."""
-        return f"{self.median_us:.{digits}f} [{self.q1_us:.{digits}f}-{self.q3_us:.{digits}f}]"
+    def cell(self, digits: int = 1, scale: float = 1.0) -> str:
+        """'median [q1-q3]' for a table, in us times `scale` (1e-3: ms)."""
+        m, a, b = (v * scale for v in (self.median_us, self.q1_us, self.q3_us))
+        return f"{m:.{digits}f} [{a:.{digits}f}-{b:.{digits}f}]"
 
     @property
     def iqr_pct(self) -> float:
@@ -73,11 +74,17 @@ def measure(methods: dict[str, Callable[[], Any]], rounds: int = 21, min_sample_
             warmup: int = 2, before: Callable[[], Any] | None = None) -> dict[str, Stats]:
     """Interleaved rounds of every method; returns per-method Stats of the time per call. before(), when
     given, runs untimed ahead of every call (e.g. evicting caches), and a sample is then one call."""
+    return {name: Stats.of(v) for name, v in samples(methods, rounds, min_sample_s, warmup, before).items()}
+
+
+def samples(methods: dict[str, Callable[[], Any]], rounds: int = 21, min_sample_s: float = 0.002,
+            warmup: int = 2, before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """measure()'s raw seconds per call, one per round, to pool blocks measured at different times."""
     for fn in methods.values():
         for _ in range(warmup):
             fn()
     calls = {name: 1 if before else _calls_per_sample(fn, min_sample_s) for name, fn in methods.items()}
-    samples: dict[str, list[float]] = {name: [] for name in methods}
+    out: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     clock = time.perf_counter
     for r in range(rounds):
@@ -88,8 +95,24 @@ def measure(methods: dict[str, Callable[[], Any]], rounds: int = 21, min_sample_
             t0 = clock()
             for _ in range(k):
                 fn()
-            samples[name].append((clock() - t0) / k)
-    return {name: Stats.of(v) for name, v in samples.items()}
+            out[name].append((clock() - t0) / k)
+    return out
+
+
+def alternating(methods: dict[str, Callable[[], Any]], threads: int, loads: list[bool], blocks: int, rounds: int,
+                torch_threads: bool = True, warmup: int = 1) -> dict[bool, dict]:
+    """Blocks of interleaved rounds that alternate the load conditions (quiet / one core busy), so a change in
+    the machine's other load hits both alike; per condition the pooled raw seconds and the Conditions.
+    Returns {busy: {"samples": {method: [s, ...]}, "conditions": [Condition, ...]}}."""
+    out = {busy: {"samples": {m: [] for m in methods}, "conditions": []} for busy in loads}
+    for b in range(blocks):
+        for busy in (loads if b % 2 == 0 else loads[::-1]):
+            with condition(threads, busy, torch_threads) as cond:
+                got = samples(methods, rounds=rounds, min_sample_s=0, warmup=warmup)
+            out[busy]["conditions"].append(cond)
+            for m, v in got.items():
+                out[busy]["samples"][m] += v
+    return out
 
 
 def load_average() -> float:
@@ -128,10 +151,13 @@ class Condition:
         return f"{self.threads} thread{'s' if self.threads > 1 else ''}, {'one core busy' if self.busy else 'quiet'}"
 
 
-def wait_policies() -> dict:
-    """torch's OpenMP wait policy (OMP_WAIT_POLICY) and fxquant's pool policy."""
+def wait_policies(fxquant_pool: bool = True) -> dict:
+    """torch's OpenMP wait policy (OMP_WAIT_POLICY) and fxquant's pool policy (fxquant_pool=False: a process
+    without torch or fxquant, e.g. the CTranslate2 peer)."""
     out = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)")}
+    if not fxquant_pool:
+        return out
     try:
         from fxquant.codegen.threadpool import wait_policy
         name, spin = wait_policy()
@@ -142,18 +168,77 @@ def wait_policies() -> dict:
 
 
 @contextmanager
-def condition(threads: int, busy: bool) -> Iterator[Condition]:
-    """Set torch's (and so fxquant's) thread count, optionally busy one core, record the load average."""
-    import torch
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def condition(threads: int, busy: bool, torch_threads: bool = True) -> Iterator[Condition]:
+    """Set torch's (and so fxquant's) thread count, optionally busy one core, record the load average.
+    torch_threads=False leaves torch alone (not even imported): for a peer that takes its thread count
+    itself, e.g. CTranslate2's intra_threads."""
+    if torch_threads:
+        import torch
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
     with busy_core(busy):
-        cond = Condition(threads, busy, load_average(), wait_policy=wait_policies())
+        cond = Condition(threads, busy, load_average(), wait_policy=wait_policies(torch_threads))
         try:
             yield cond
         finally:
             cond.load_after = load_average()
-            torch.set_num_threads(old)
+            if torch_threads:
+                torch.set_num_threads(old)
+
+
+@dataclass
+class Child:
+    """A finished child process: wall seconds, exit code, output and its own peak RSS (ru_maxrss)."""
+
+    seconds: float
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_mib: float
+
+    def result(self) -> Any:
+        """The JSON object a worker printed with print_result(); RuntimeError with its stderr otherwise."""
+        line = next((ln for ln in self.stdout.splitlines()[::-1] if ln.startswith(RESULT)), None)
+        if self.returncode != 0 or line is None:
+            raise RuntimeError(f"worker failed (exit {self.returncode}):\n{self.stderr[-3000:]}")
+        return json.loads(line[len(RESULT):])
+
+
+RESULT = "RESULT "
+
+
+def print_result(obj: Any) -> None:
+    """A worker's answer to its parent: one line on stdout (read by Child.result)."""
+    print(RESULT + json.dumps(obj, default=_jsonable), flush=True)
+
+
+def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = None, cwd=None) -> Child:
+    """Run cmd to completion; its wall time and its own peak RSS (os.wait4, not the max over all children).
+
+    Example:
+        >>> c = run_child([sys.executable, "-c", "print('RESULT 1')"])
+        >>> c.result(), c.returncode, c.peak_rss_mib > 1
+        (1, 0, True)
+    """
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True, cwd=cwd)
+        deadline = None if timeout is None else start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Child(seconds, proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024)
 
 
 def machine() -> dict:
@@ -169,8 +254,10 @@ def machine() -> dict:
             "date": datetime.datetime.now().isoformat(timespec="minutes"), "command": " ".join(sys.argv)}
 
 
-def header(title: str, conditions: list[Condition]) -> str:
-    """Markdown preamble: machine, wait policies and the load average of every condition."""
+def header(title: str, conditions: list[Condition],
+           times: str = "Times are medians of interleaved rounds in us per call, [first-third quartile] beside them."
+           ) -> str:
+    """Markdown preamble: machine, wait policies, the load average of every condition and what times mean."""
     m = machine()
     lines = [f"# {title}", "", f"- CPU: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, Python {m['python']}; "
              f"{m['date']}", f"- Command: `{m['command']}` (this file is written by that script)"]
@@ -179,7 +266,7 @@ def header(title: str, conditions: list[Condition]) -> str:
         lines.append("- Wait policy (all methods): " + "; ".join(f"{k} = {v}" for k, v in pol.items()))
     lines.append("- The machine is shared with other jobs: 1-minute load average before -> after each block: " +
                  "; ".join(f"{c.label()}: {c.load_before:.1f} -> {c.load_after:.1f}" for c in conditions))
-    lines.append("- Times are medians of interleaved rounds in us per call, [first-third quartile] beside them.")
+    lines.append(f"- {times}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,8 @@
 """Attach compiled kernels to every LowbitLinear / LowbitConv / FusedAttention of a GraphModule.
 
+Kernels are built concurrently (BUILD_WORKERS compiler processes at a time; codegen/build.py serialises
+builds of one source, so two ops with the same shape compile once) and attached in graph order.
+
 With never_slower=True (and example inputs) each kernel is timed against the torch op it replaces and the
 faster one is kept (see never_slower.py); an op whose recorded choice is the torch op (`op.kernel_choice`,
 e.g. in a loaded artifact) gets it again without re-timing.
@@ -14,7 +17,9 @@ Example:
 """
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +32,9 @@ from .kernels import compile_op
 from .never_slower import TORCH_CHOICE, Timing, capture_op_inputs, decide, fallback_for, kernel_serves
 from .render import UnsupportedOp
 from .targets import resolve_target
+
+
+BUILD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -154,21 +162,31 @@ def attach_kernels(
             report.backends[name] = "reference"
         return report
     t = resolve_target(target)
-    for name, op in lowered_ops(gm):
-        if not never_slower and getattr(op, "kernel_choice", None) == TORCH_CHOICE:
-            _use_torch(name, op, report)
-            continue
-        kernel, used = _compile(name, op, t, fallback, cache_dir, report)
-        if kernel is None:
-            op.kernel, op.backend = None, "reference"
-            report.backends[name] = "reference"
-            continue
-        op.kernel, op.backend = kernel, f"c:{used}"
-        report.attached[name], report.backends[name] = kernel.name, op.backend
-        if out_dir is not None:
-            path = Path(out_dir) / f"{name.replace('.', '_') or 'root'}.c"
-            atomic_write(path, kernel.source)
-            report.sources[name] = path
+    ops = lowered_ops(gm)
+    wanted = [(name, op) for name, op in ops
+              if never_slower or getattr(op, "kernel_choice", None) != TORCH_CHOICE]
+    with ThreadPoolExecutor(max_workers=min(BUILD_WORKERS, max(1, len(wanted)))) as pool:
+        builds = {name: pool.submit(_compile, name, op, t, fallback, cache_dir, report)
+                  for name, op in wanted}
+        for name, op in ops:
+            if name not in builds:
+                _use_torch(name, op, report)
+                continue
+            _attach_one(name, op, *builds[name].result(), report, out_dir)
     if never_slower and example_inputs:
         _time_against_torch(gm, report, example_inputs, timing_budget_s)
     return report
+
+
+def _attach_one(name: str, op, kernel, used: str, report: AttachReport, out_dir) -> None:
+    """Put a built kernel (or the reference path when none was built) on the op, in graph order."""
+    if kernel is None:
+        op.kernel, op.backend = None, "reference"
+        report.backends[name] = "reference"
+        return
+    op.kernel, op.backend = kernel, f"c:{used}"
+    report.attached[name], report.backends[name] = kernel.name, op.backend
+    if out_dir is not None:
+        path = Path(out_dir) / f"{name.replace('.', '_') or 'root'}.c"
+        atomic_write(path, kernel.source)
+        report.sources[name] = path

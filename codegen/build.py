@@ -6,7 +6,10 @@ compiler.  Every file is written to a temporary name and renamed, so a crash nev
 half-written library behind.  Each library has a sidecar `<lib>.sha256` written after it: a cached
 library is used only when its bytes match the sidecar, otherwise (truncated, replaced, no sidecar)
 it is rebuilt.  A compiler that produces no valid shared object (e.g. CC=/bin/true) is a
-BuildError, and nothing is cached.
+BuildError, and nothing is cached.  Builds of one key are serialised by a lock file (flock) beside the
+library: threads and processes that ask for a library another one is compiling wait for it and load the
+result instead of running the compiler again (so kernels can be built concurrently, e.g. in a background
+process while the same kernels are requested).
 
 Example:
     >>> flags = ("-O2", "-fPIC", "-shared")
@@ -25,8 +28,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock; concurrent builds of a key are only duplicated
+    fcntl = None
 
 from fxquant.errors import FxQuantError
 
@@ -130,11 +140,42 @@ def _check_library(path: Path, cc: str, cmd: list[str]) -> None:
         )
 
 
+@contextmanager
+def _key_lock(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock` (created if missing, removed on exit).
+
+    Threads and processes building the same key wait here for each other. Removing the file can let a late
+    arrival lock a fresh file while another still holds the old one; both then find the finished library
+    (or, after a failed build, both compile): never a wrong result, at worst a duplicated build.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def _cached(lib: Path) -> bool:
+    """True (counted as a hit) when `lib` is cached and intact; a damaged entry is counted as rebuilt."""
+    if lib.exists() or lib.is_symlink():
+        if verified(lib):
+            STATS["cache_hits"] += 1
+            return True
+        STATS["rebuilt"] += 1  # truncated, replaced or unrecorded: never trusted
+    return False
+
+
 def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | None = None) -> Path:
     """Return the path of the compiled library for `source`, compiling only on a cache miss.
 
     `name` (letters, digits and _) becomes part of the file name. A cached library whose bytes do
-    not match its recorded sha256 is rebuilt.
+    not match its recorded sha256 is rebuilt. While another thread or process compiles the same
+    source and flags, this waits for it and returns its library.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise BuildError(
@@ -144,12 +185,18 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
     key = source_key(source, flags, cc)
     d = cache_dir(cache)
     lib = d / f"{name}_{key}.so"
-    if lib.exists() or lib.is_symlink():
-        if verified(lib):
-            STATS["cache_hits"] += 1
-            return lib
-        STATS["rebuilt"] += 1  # truncated, replaced or unrecorded: never trusted
-    src = d / f"{name}_{key}.c"
+    if verified(lib):  # the common case, without touching a lock file
+        STATS["cache_hits"] += 1
+        return lib
+    with _key_lock(d / f".{name}_{key}.lock"):
+        if not _cached(lib):
+            _compile(source, cc, flags, d / f"{name}_{key}.c", lib)
+    return lib
+
+
+def _compile(source: str, cc: str, flags: tuple[str, ...], src: Path, lib: Path) -> None:
+    """Compile `source` (written to `src`) and move the checked library to `lib`, then write its sidecar."""
+    d = src.parent
     atomic_write(src, source)
     fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".so", dir=d)
     os.close(fd)
@@ -170,7 +217,6 @@ def compile_source(source: str, name: str, flags: tuple[str, ...], cache: str | 
         STATS["compiles"] += 1
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return lib
 
 
 def load_library(path: Path) -> ctypes.CDLL:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
+from fxquant.graphutil import conv_output_size
 from fxquant.qweight import dequantize
 
 from .threadpool import load_kernel_library, num_threads
@@ -117,6 +118,8 @@ class Im2colConvKernel(_Kernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         op = self.op
+        if op.dims == 1 and op.dilation[0] == 1:
+            return self._conv1d(x)
         if op.dims == 2:
             x4, ks = x, op.weight_shape[2:]
             stride, padding, dilation = tuple(op.stride), tuple(op.padding), tuple(op.dilation)
@@ -129,11 +132,26 @@ class Im2colConvKernel(_Kernel):
             cols = x4.float().flatten(2).transpose(1, 2)
         else:
             cols = F.unfold(x4.float(), ks, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-            oh = (h + 2 * padding[0] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
-            ow = (w + 2 * padding[1] - dilation[1] * (ks[1] - 1) - 1) // stride[1] + 1
+            oh = conv_output_size(h, ks[0], stride[0], padding[0], dilation[0])
+            ow = conv_output_size(w, ks[1], stride[1], padding[1], dilation[1])
         y = self.linear(cols.contiguous()).transpose(1, 2)  # [B, Cout, L]
         y = y.reshape(b, -1, oh, ow) if op.dims == 2 else y.reshape(b, -1, ow)
         return y.to(x.dtype)
+
+
+    def _conv1d(self, x: torch.Tensor) -> torch.Tensor:
+        """1-D, no dilation: the columns as one copy of a strided window view ([B, L, C*k], the weight's
+        (channel, tap) order), then the linear kernel; its [B, L, Cout] output is returned as a [B, Cout, L]
+        view (what the next conv or a transpose back to tokens reads)."""
+        op = self.op
+        (k,), (s,), (p,) = op.weight_shape[2:], op.stride, op.padding
+        b, c = x.shape[0], x.shape[1]
+        xp = F.pad(x.float(), (p, p)) if p else x.float()
+        if xp.shape[2] < k:
+            raise ValueError(f"{self.name}: input of {x.shape[2]} steps is shorter than the kernel ({k}, "
+                             f"padding {p})")
+        cols = xp.unfold(2, k, s).permute(0, 2, 1, 3).reshape(b, -1, c * k)
+        return self.linear(cols).transpose(1, 2).to(x.dtype)
 
 
 class GroupedConvKernel(_Kernel):
@@ -165,8 +183,8 @@ def _out_hw(op: LowbitConv) -> Callable[[int, int], tuple[int, int]]:
     s = tuple(op.stride) if op.dims == 2 else (1, op.stride[0])
     p = tuple(op.padding) if op.dims == 2 else (0, op.padding[0])
     d = tuple(op.dilation) if op.dims == 2 else (1, op.dilation[0])
-    return lambda h, w: ((h + 2 * p[0] - d[0] * (ks[0] - 1) - 1) // s[0] + 1,
-                         (w + 2 * p[1] - d[1] * (ks[1] - 1) - 1) // s[1] + 1)
+    return lambda h, w: (conv_output_size(h, ks[0], s[0], p[0], d[0]),
+                         conv_output_size(w, ks[1], s[1], p[1], d[1]))
 
 
 def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKernel:

@@ -9,8 +9,11 @@ Layout of an artifact folder:
     kernels/*.c     the generated C kernels (for people; load renders its own from checked values)
 
 The manifest is untrusted data (fxquant/artifact_schema.py): identifiers, enums, ranges, an op
-allow-list, paths inside the folder. The rebuilt graph is then run on fake tensors at the recorded
-shapes and on the stored example inputs before it is returned (fxquant/artifact_check.py).
+allow-list, paths inside the folder. The rebuilt graph is then run on meta tensors at the recorded
+shapes (shape arithmetic, nothing computed or allocated) and on the stored example inputs before it is
+returned (fxquant/artifact_check.py). Bit-packed codes are kept as the stream read from weights.bin
+(validated against their op's shape and width) and go to the kernel packing from there; loading runs
+torch's ops on one thread (a busy machine cannot stall it at OpenMP barriers).
 
 Example:
     >>> cm.save("out/digits-w4")                     # doctest: +SKIP
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,8 @@ from torch.utils import _pytree as pytree
 from . import ir
 from . import artifact_schema as S
 from .artifact_check import abstract_run, self_test
-from .artifact_files import (FORMAT, TENSOR_FILES, pack_codes, packed_nbytes, read_blob, sha256_file,
-                             tensor_from_blob, unpack_codes)
+from .artifact_files import (FORMAT, TENSOR_FILES, load_tensors, pack_codes, plain, sha256_file, unpack_codes,
+                             unpin)
 from .artifact_manifest import FORMAT_VERSION, check_graph_data, check_header, read_manifest
 from .artifact_modules import build_module, check_consistency, module_attrs, module_buffers
 from .artifact_ops import resolve_target
@@ -72,59 +74,6 @@ def _check_files(directory: Path, files: dict) -> None:
             )
 
 
-def _load_tensors(directory: Path, table: Any, files: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of the table, read from weights.bin / selftest.bin (each read once, hash-checked)."""
-    S.want_dict(table, "tensors", free_keys=True)
-    specs = {}
-    for name, spec in table.items():
-        where = f"tensors.{S.dotted(name, 'tensors key')}"
-        if isinstance(spec, dict) and "alias" in spec:
-            S.want_dict(spec, where, required=("alias",))
-            if (
-                not isinstance(spec["alias"], str)
-                or spec["alias"] not in specs
-                or "alias" in specs[spec["alias"]]
-            ):
-                raise S.fail(
-                    where, f"aliases {str(spec['alias'])[:80]!r}, which is not a tensor stored before it"
-                )
-            specs[name] = spec
-            continue
-        S.want_dict(spec, where, required=("dtype", "shape", "offset", "nbytes"), optional=("bits", "file"))
-        file = S.want_enum(spec.get("file", "weights.bin"), TENSOR_FILES, f"{where}.file")
-        if file not in files:
-            raise S.fail(f"{where}.file", f"{file} is not listed in files")
-        dtype, shape = S.dtype(spec["dtype"], f"{where}.dtype"), S.shape(spec["shape"], f"{where}.shape")
-        bits = spec.get("bits")
-        if bits is not None and (S.want_int(bits, f"{where}.bits", 2, 8) and dtype != torch.uint8):
-            raise S.fail(f"{where}.bits", "only uint8 codes are bit-packed")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = packed_nbytes(math.prod(shape), bits, itemsize)
-        offset = S.want_int(spec["offset"], f"{where}.offset", 0)
-        if S.want_int(spec["nbytes"], f"{where}.nbytes", 0) != nbytes or offset % itemsize:
-            raise S.fail(where, f"{list(shape)} {spec['dtype']} needs {nbytes} bytes at an aligned offset")
-        specs[name] = dict(spec, dtype=dtype, shape=shape, nbytes=nbytes, offset=offset, file=file)
-    out: dict[str, torch.Tensor] = {}
-    for file in TENSOR_FILES:
-        mine = {n: s for n, s in specs.items() if s.get("file") == file}
-        if not mine:
-            continue
-        blob = read_blob(directory, file, files[file])
-        if sum(s["nbytes"] for s in mine.values()) > blob.numel():
-            raise S.fail("tensors", f"claim more bytes than {file} holds: truncated or tampered artifact")
-        for name, s in mine.items():
-            if s["offset"] + s["nbytes"] > blob.numel():
-                raise S.fail(f"tensors.{name}", f"does not fit {file}: truncated or tampered artifact")
-            out[name] = tensor_from_blob(
-                blob, s["offset"], s["nbytes"], s["dtype"], s["shape"], s.get("bits")
-            )
-        del blob
-    for name, s in specs.items():
-        if "alias" in s:
-            out[name] = out[s["alias"]]
-    return {name: out[name] for name in specs}
-
-
 def _build_modules(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, set[str]]:
     root, owned = nn.Module(), set()
     for name, spec in m["modules"].items():
@@ -136,7 +85,8 @@ def _build_modules(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module
         for key, ref in refs.items():
             if ref is not None and ref not in tensors:
                 raise S.fail(f"{where}.buffers.{key}", f"names tensor {ref[:80]!r}, which weights.bin lacks")
-            bufs[key] = None if ref is None else tensors[ref]
+            value = None if ref is None else tensors[ref]
+            bufs[key] = value if key == "codes" else plain(value)
             owned.add(ref)
         code_spec = m["tensors"].get(refs.get("codes") or "", {})
         check_consistency(
@@ -280,7 +230,7 @@ def _selftest_data(m: dict, tensors: dict[str, torch.Tensor]) -> tuple[list, lis
         names = S.want_list(st[key], f"selftest.{key}", 4096)
         if not all(isinstance(n, str) and n in tensors for n in names):
             raise S.fail(f"selftest.{key}", "names tensors weights.bin lacks")
-        out.append([tensors[n] for n in names])
+        out.append([plain(tensors[n]) for n in names])
     return out[0], out[1]
 
 
@@ -297,22 +247,29 @@ def load(
     submodules the compiled parts replace. check=False skips the abstract run and the self-test
     (faster; only for artifacts you wrote yourself: the schema checks still run).
     """
+    from .codegen.threadpool import pool_owns_threads
+
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest.get("kind") == "submodules":
         return _load_parts(directory, manifest, target, model, check)
+    with pool_owns_threads():   # torch's unpacking / packing ops on one thread: no OpenMP barriers to wait at
+        return _load_module(directory, manifest, target, check)
+
+
+def _load_module(directory: Path, manifest: dict, target: str | None, check: bool):
     if target is not None:
         S.want_enum(target, S.target_names(), "load(target=...)")
     check_header(manifest, directory)
     check_graph_data(manifest)
     _check_files(directory, manifest["files"])
-    tensors = _load_tensors(directory, manifest["tensors"], manifest["files"])
+    tensors = load_tensors(directory, manifest["tensors"], manifest["files"])
     root, owned = _build_modules(manifest, tensors)
     selftest = _selftest_data(manifest, tensors)
     skip = owned | set(manifest["selftest"]["inputs"] + manifest["selftest"]["outputs"] if selftest else ())
     constants = {name for name in tensors if name not in skip}
     for name in constants:
-        _set_tensor(root, name, tensors[name], manifest["modules"])
+        _set_tensor(root, name, plain(tensors[name]), manifest["modules"])
     try:
         gm, shapes = _build_graph(manifest, root, constants)
         ir.verify(gm)
@@ -341,6 +298,7 @@ def load(
     )
     if manifest["modules"] and target != "reference":
         _attach(gm, target, bool(config.get("fallback")))
+    unpin(gm, tensors)
     if check and selftest is not None:
         self_test(cm, *selftest)
     from .memory import trim_heap

@@ -1,9 +1,11 @@
 """Checks of a rebuilt artifact graph before it runs for real: an abstract run, then a recorded self-test.
 
-1. `abstract_run` executes the graph on fake tensors (torch's FakeTensorMode: shapes and dtypes,
-   no data, no allocation) at the example input shapes recorded at save time. Every node's output
-   must have the shape the compiler recorded and a bounded size, and every lowered op must receive
-   inputs that fit its weights (so a kernel attached afterwards never reads out of bounds).
+1. `abstract_run` executes the graph on meta tensors (shapes and dtypes, no data, no allocation; every
+   device argument and default device is meta, so no op computes or allocates for real) at the example
+   input shapes recorded at save time. Every node's output must have the shape the compiler recorded
+   and a bounded size, and every lowered op must receive inputs that fit its weights (so a kernel
+   attached afterwards never reads out of bounds). An op without a meta kernel makes the run start
+   again under torch's FakeTensorMode (slower to set up: it imports torch._dynamo).
 2. `self_test` runs the loaded module on the example inputs stored in the artifact and compares
    with the outputs stored at save time (relative error <= 1e-3, same NaN positions).
 
@@ -21,11 +23,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import ir
 from .errors import ArtifactError
+from .graphutil import conv_output_size
+from .artifact_shapes import META, broadcast_shapes, makes_tensors, shape_rule, to_meta
 from .ops import FusedAttention, LowbitConv, LowbitEmbedding, LowbitLinear
 
 MAX_RUN_NUMEL = 1 << 28            # elements of any intermediate tensor during the abstract run
@@ -64,7 +67,7 @@ def _linear(node, mod: LowbitLinear, args, kwargs):
         raise _bad(node, "the residual input does not match the op's fused residual flag")
     if residual is not None and tuple(_tensor_arg(node, residual, "residual").shape) != out:
         raise _bad(node, f"residual {tuple(residual.shape)} does not match the output {out}")
-    return torch.empty(out, dtype=x.dtype)
+    return torch.empty(out, dtype=x.dtype, device=x.device)
 
 
 def _conv(node, mod: LowbitConv, args, kwargs):
@@ -80,11 +83,11 @@ def _conv(node, mod: LowbitConv, args, kwargs):
         )
     spatial = []
     for size, k, s, p, d in zip(x.shape[2:], ws[2:], mod.stride, mod.padding, mod.dilation):
-        o = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        o = conv_output_size(size, k, s, p, d)
         if o < 1:
             raise _bad(node, f"its input {tuple(x.shape)} is smaller than the kernel {tuple(ws[2:])}")
         spatial.append(o)
-    return torch.empty((x.shape[0], ws[0], *spatial), dtype=x.dtype)
+    return torch.empty((x.shape[0], ws[0], *spatial), dtype=x.dtype, device=x.device)
 
 
 def _embedding(node, mod: LowbitEmbedding, args, kwargs):
@@ -93,7 +96,8 @@ def _embedding(node, mod: LowbitEmbedding, args, kwargs):
     tokens = _tensor_arg(node, args[0], "its input")
     if tokens.is_floating_point() or tokens.dtype == torch.bool:
         raise _bad(node, "embedding lookups take integer tokens")
-    return torch.empty(tuple(tokens.shape) + (_code_shape(mod)[1],), dtype=torch.float32)
+    out = tuple(tokens.shape) + (_code_shape(mod)[1],)
+    return torch.empty(out, dtype=torch.float32, device=tokens.device)
 
 
 def _attention(node, mod: FusedAttention, args, kwargs):
@@ -111,7 +115,17 @@ def _attention(node, mod: FusedAttention, args, kwargs):
         raise _bad(
             node, f"q {tuple(q.shape)} / k {tuple(k.shape)} do not have head dim {mod.head_dim} in 4-D"
         )
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=mod.scale)
+    if k.shape[-2] != v.shape[-2] or not q.is_floating_point():
+        raise _bad(node, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in length, or q is not float")
+    try:   # SDPA's shape rule by arithmetic (torch's meta function of SDPA would import torch._dynamo)
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        scores = (*batch, q.shape[-2], k.shape[-2])
+        mask_shape = None if mask is None else _tensor_arg(node, mask, "the mask").shape
+        if mask is not None and broadcast_shapes(mask_shape, scores) != scores:
+            raise ValueError(f"the mask {tuple(mask.shape)} does not broadcast to the scores {scores}")
+    except ValueError as exc:
+        raise _bad(node, f"q/k/v/mask do not broadcast ({str(exc)[:200]})") from None
+    return torch.empty((*batch, q.shape[-2], v.shape[-1]), dtype=q.dtype, device=q.device)
 
 
 _RULES = (
@@ -129,8 +143,13 @@ def _module_rule(node: fx.Node, mod: torch.nn.Module, args, kwargs):
     raise _bad(node, f"module {type(mod).__name__} is not a lowered op")
 
 
+class _OpFailed(Exception):
+    """An op raised during the meta run: the FakeTensorMode run decides (it has more kernels)."""
+
+
 class _AbstractRun:
-    """Executes a graph node by node on fake tensors (a small fx interpreter without error rewriting)."""
+    """Executes a graph node by node on abstract tensors (a small fx interpreter without error rewriting):
+    meta tensors (mode None), or fake tensors of a FakeTensorMode."""
 
     def __init__(self, gm: fx.GraphModule, mode, expected: dict[str, Any] | None):
         self.gm, self.mode, self.expected = gm, mode, expected
@@ -139,26 +158,36 @@ class _AbstractRun:
 
     def fake_attr(self, target: str) -> torch.Tensor:
         if target not in self.fakes:
-            self.fakes[target] = self.mode.from_tensor(ir.get_attr_value(self.gm, target))
+            value = ir.get_attr_value(self.gm, target)
+            self.fakes[target] = value.to(META) if self.mode is None else self.mode.from_tensor(value)
         return self.fakes[target]
 
     def node_value(self, node: fx.Node, args, kwargs) -> Any:
         if node.op == "get_attr":
             return self.fake_attr(node.target)
         if node.op == "call_function":
+            if self.mode is None:
+                args, kwargs = to_meta(args), to_meta(kwargs)
+                if makes_tensors(node.target):       # factories: explicitly on meta, never on the CPU
+                    kwargs = {**kwargs, "device": META}
+                out = shape_rule(node.target, args, kwargs)
+                if out is not None:
+                    return out
             return node.target(*args, **kwargs)
         return _module_rule(node, self.gm.get_submodule(node.target), args, kwargs)
 
     def run(self, inputs: list[dict]) -> dict[str, Any]:
         env: dict[fx.Node, Any] = {}
         feed = iter(inputs)
+        device = META if self.mode is None else None
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 item = next(feed, None)
                 if item is None or item["kind"] not in ("tensor", "none"):
                     raise _bad(node, "inputs other than tensors or None cannot be checked")
                 env[node] = (
-                    torch.empty(item["example"], dtype=item["dtype"]) if item["kind"] == "tensor" else None
+                    torch.empty(item["example"], dtype=item["dtype"], device=device)
+                    if item["kind"] == "tensor" else None
                 )
                 continue
             if node.op == "output":
@@ -173,6 +202,8 @@ class _AbstractRun:
             except ArtifactError:
                 raise
             except Exception as exc:
+                if self.mode is None:
+                    raise _OpFailed() from None
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 raise _bad(node, f"{type(exc).__name__}: {first}") from None
             env[node] = out
@@ -183,6 +214,8 @@ class _AbstractRun:
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() > MAX_RUN_NUMEL:
                 raise _bad(node, f"its output {tuple(t.shape)} would exceed {MAX_RUN_NUMEL} elements")
+            if self.mode is None and isinstance(t, torch.Tensor) and t.device != META:
+                raise _OpFailed()     # a real tensor came out of the meta run: let the fake run judge
         shape = [int(d) for d in out.shape] if isinstance(out, torch.Tensor) else None
         if self.expected is not None and self.expected.get(node.name) != shape:
             raise _bad(
@@ -194,11 +227,16 @@ class _AbstractRun:
 def abstract_run(
     gm: fx.GraphModule, inputs: list[dict], expected: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run gm on fake tensors at the recorded example input shapes.
+    """Run gm on meta tensors (else fake tensors) at the recorded example input shapes.
 
     Returns {node name: output shape (list) or None}; with `expected` (the shapes recorded at save
     time) every node must reproduce its recorded shape. Raises ArtifactError on any inconsistency.
     """
+    try:
+        with META, torch.no_grad():
+            return _AbstractRun(gm, None, expected).run(inputs)
+    except _OpFailed:
+        pass
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=False)

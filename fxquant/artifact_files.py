@@ -16,19 +16,22 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from . import artifact_schema as S
 from .artifact_schema import fail
 from .errors import ArtifactError
+from .qweight import PackedCodes
 
 FORMAT = "fxquant-artifact"
 ALIGN = 64                                   # every tensor starts at a multiple of 64 bytes in weights.bin
@@ -188,6 +191,86 @@ def tensor_from_blob(
     if dtype == torch.bfloat16:
         return raw.clone().view(torch.int16).view(torch.bfloat16).view(shape)
     return raw.clone().view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+
+def load_tensors(directory: Path, table: Any, files: dict) -> dict[str, torch.Tensor | PackedCodes]:
+    """Every tensor of the table, read from weights.bin / selftest.bin (each read once, hash-checked).
+
+    Bit-packed [N, K] codes come back as PackedCodes over the bytes as read (views of the weights.bin
+    buffer, see `unpin`); every other tensor has its own storage."""
+    S.want_dict(table, "tensors", free_keys=True)
+    specs = {}
+    for name, spec in table.items():
+        where = f"tensors.{S.dotted(name, 'tensors key')}"
+        if isinstance(spec, dict) and "alias" in spec:
+            S.want_dict(spec, where, required=("alias",))
+            if (
+                not isinstance(spec["alias"], str)
+                or spec["alias"] not in specs
+                or "alias" in specs[spec["alias"]]
+            ):
+                raise S.fail(
+                    where, f"aliases {str(spec['alias'])[:80]!r}, which is not a tensor stored before it"
+                )
+            specs[name] = spec
+            continue
+        S.want_dict(spec, where, required=("dtype", "shape", "offset", "nbytes"), optional=("bits", "file"))
+        file = S.want_enum(spec.get("file", "weights.bin"), TENSOR_FILES, f"{where}.file")
+        if file not in files:
+            raise S.fail(f"{where}.file", f"{file} is not listed in files")
+        dtype, shape = S.dtype(spec["dtype"], f"{where}.dtype"), S.shape(spec["shape"], f"{where}.shape")
+        bits = spec.get("bits")
+        if bits is not None and (S.want_int(bits, f"{where}.bits", 2, 8) and dtype != torch.uint8):
+            raise S.fail(f"{where}.bits", "only uint8 codes are bit-packed")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = packed_nbytes(math.prod(shape), bits, itemsize)
+        offset = S.want_int(spec["offset"], f"{where}.offset", 0)
+        if S.want_int(spec["nbytes"], f"{where}.nbytes", 0) != nbytes or offset % itemsize:
+            raise S.fail(where, f"{list(shape)} {spec['dtype']} needs {nbytes} bytes at an aligned offset")
+        specs[name] = dict(spec, dtype=dtype, shape=shape, nbytes=nbytes, offset=offset, file=file)
+    out: dict[str, torch.Tensor] = {}
+    for file in TENSOR_FILES:
+        mine = {n: s for n, s in specs.items() if s.get("file") == file}
+        if not mine:
+            continue
+        blob = read_blob(directory, file, files[file])
+        if sum(s["nbytes"] for s in mine.values()) > blob.numel():
+            raise S.fail("tensors", f"claim more bytes than {file} holds: truncated or tampered artifact")
+        for name, s in mine.items():
+            if s["offset"] + s["nbytes"] > blob.numel():
+                raise S.fail(f"tensors.{name}", f"does not fit {file}: truncated or tampered artifact")
+            if s.get("bits") and len(s["shape"]) == 2 and file == "weights.bin":
+                # op codes stay the bit stream they were stored as (a view: no unpack, no re-pack)
+                out[name] = PackedCodes(blob[s["offset"] : s["offset"] + s["nbytes"]], s["shape"], s["bits"])
+                continue
+            out[name] = tensor_from_blob(
+                blob, s["offset"], s["nbytes"], s["dtype"], s["shape"], s.get("bits")
+            )
+        del blob
+    for name, s in specs.items():
+        if "alias" in s:
+            out[name] = out[s["alias"]]
+    return {name: out[name] for name in specs}
+
+
+def plain(value: torch.Tensor | PackedCodes | None) -> torch.Tensor | None:
+    """A tensor for every use but an op's codes (a bit-packed tensor named elsewhere is unpacked)."""
+    return value.unpack().view(value.shape) if isinstance(value, PackedCodes) else value
+
+
+def unpin(gm: torch.nn.Module, tensors: dict[str, Any]) -> None:
+    """Ops whose codes are still views of the weights.bin buffer `load_tensors` read them from (`tensors`: its
+    result; no kernel took the codes over: reference path, a tied embedding) get their own copy, so the whole
+    file's buffer is not kept alive by them."""
+    blob_ptrs = {t.data.untyped_storage().data_ptr() for t in tensors.values() if isinstance(t, PackedCodes)}
+    copies: dict[int, PackedCodes] = {}          # ops sharing codes (tied weights) share the copy
+    for mod in gm.modules():
+        packed = mod.__dict__.get("_packed_codes")
+        if isinstance(packed, PackedCodes) and packed.layout == "bits" and \
+                packed.data.untyped_storage().data_ptr() in blob_ptrs:
+            if id(packed) not in copies:
+                copies[id(packed)] = PackedCodes(packed.data.clone(), packed.shape, packed.bits)
+            mod._set_codes(copies[id(packed)])
 
 
 # ------------------------------------------------------------------------------------------ folders

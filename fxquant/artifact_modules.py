@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .formats import quantized_formats
+from .qweight import PackedCodes
 from .artifact_schema import (MAX_DIM, decode_arg, fail, ident, want_dict, want_enum, want_float, want_int,
                               want_type)
 
@@ -187,7 +188,8 @@ def _tensor(t: torch.Tensor | None, where: str, dtype: torch.dtype, shape: tuple
 
 
 def check_consistency(
-    cls_path: str, attrs: dict, bufs: dict[str, torch.Tensor | None], where: str, code_bits: int | None = None
+    cls_path: str, attrs: dict, bufs: dict[str, torch.Tensor | PackedCodes | None], where: str,
+    code_bits: int | None = None
 ) -> None:
     """Buffers agree with the attributes: shapes, dtypes, code and table-index ranges, conv geometry.
 
@@ -196,7 +198,11 @@ def check_consistency(
     if cls_path == "fxquant.ops.FusedAttention":
         return
     codes = bufs["codes"]
-    if codes is None or codes.dim() != 2 or codes.dtype != torch.uint8 or 0 in codes.shape:
+    if isinstance(codes, PackedCodes):     # bit-packed as stored: values < 2**codes.bits by construction
+        if 0 in codes.shape:
+            raise fail(f"{where}.codes", "needs a non-empty [N, K] code stream")
+        code_bits = codes.bits
+    elif codes is None or codes.dim() != 2 or codes.dtype != torch.uint8 or 0 in codes.shape:
         raise fail(f"{where}.codes", "needs a non-empty uint8 [N, K] tensor")
     n, k = codes.shape
     bits, gs = attrs["bits"], attrs["group_size"]

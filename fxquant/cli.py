@@ -16,8 +16,9 @@ from .formats import scheme_options
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name (kws-cnn, bcresnet, digits) or module.path:factory returning "
-                                 "(model, example_inputs)")
+    p.add_argument("model", help="zoo name (whisper-tiny.en, whisper-base, kws-cnn, bcresnet, digits), a "
+                                 "Whisper checkpoint folder, or module.path:factory returning (model, "
+                                 "example_inputs)")
     p.add_argument("--passes", help="pipeline text, e.g. 'cleanup,fold-bn,propagate-shapes'")
     p.add_argument("--dump-dir", help="write the graph after every pass here")
 

@@ -28,6 +28,18 @@ LAYOUT_OPS = frozenset({aten.t.default, aten.transpose.int, aten.permute.default
                         aten.detach.default, aten._unsafe_view.default})
 
 
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output length of a convolution along one axis, as torch computes it (below 1: input too short).
+
+    Example:
+        >>> conv_output_size(3000, 3, stride=2, padding=1)   # Whisper's conv2 over 30 s of mel frames
+        1500
+        >>> conv_output_size(10, 3, dilation=2), conv_output_size(2, 5, padding=1)
+        (6, 0)
+    """
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def is_pure(node: fx.Node) -> bool:
     """True when removing or evaluating the node early cannot change behaviour."""
     if node.op == "get_attr":

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import InputError
@@ -68,6 +67,8 @@ class InputSpec:
     @classmethod
     def from_graph(cls, gm: fx.GraphModule) -> "InputSpec":
         """From the placeholders' traced values (symbolic sizes stay free, concrete ones are fixed)."""
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int   # sympy: only when compiling
+
         items = []
         for node in gm.graph.nodes:
             if node.op != "placeholder":

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.errors import ConfigError
+from fxquant.graphutil import conv_output_size
 from fxquant.quant_cache import QuantCache
 from fxquant.ops import LowbitConv, LowbitLinear, apply_epilogue
 from fxquant.qweight import QuantizedWeight, group_accumulators
@@ -85,7 +86,7 @@ class StaticLowbitConv(_StaticForward, LowbitConv):
         rows = qn.conv_rows(x, kernel, self.stride, self.padding, self.dilation, 1)
         y = static_linear(rows, self.qweight, self.bias, self.act_scale)  # [N*L, Cout]
         shape = [
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            conv_output_size(size, k, s, p, d)
             for size, k, s, p, d in zip(x.shape[2:], kernel, self.stride, self.padding, self.dilation)
         ]
         y = y.view(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *shape)

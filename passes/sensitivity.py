@@ -37,6 +37,7 @@ from fxquant.qweight import dequantize
 from fxquant.quantizers import nodes as qn
 from fxquant.registry import PassResult, calibration_batches, register_pass
 from fxquant.sensitivity import budget_mode, plan
+from fxquant.sensitivity_estimate import choose_anchors, estimate_errors, weight_proxy
 
 from fxquant.progress import Progress
 
@@ -44,10 +45,14 @@ from fxquant.progress import Progress
 METRICS = ("auto", "mse", "kl")
 
 
+MEASURES = ("all", "anchors")
+
+
 @dataclass
 class SensitivityOptions:
     metric: str = "auto"      # "auto" | "mse" | "kl"
     max_batches: int = 4      # calibration items used per measurement
+    measure: str = "all"      # "all" candidates, or "anchors" (fxquant.sensitivity_estimate) + estimates
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -133,10 +138,33 @@ def fake_quant(gm: fx.GraphModule, node: fx.Node, decision: ir.QuantDecision, ca
     return dequantize(qw).view_as(w)
 
 
+def _target_bits(config: dict, groups) -> float:
+    """The average weight width the budget asks for (avg_bits, or budget_bytes over the groups' weights)."""
+    if config.get("avg_bits") is not None:
+        return float(config["avg_bits"])
+    params = sum(g.params for g in groups) or 1
+    return 8.0 * float(config["budget_bytes"]) / params
+
+
+def _anchored_errors(gm, grp, members, cache, measure, target: float) -> tuple[list[float], int]:
+    """Measure the anchor candidates, estimate the others from their Hessian-weighted weight error."""
+    proxies = []
+    for cand in grp.candidates:        # one dequantized candidate alive at a time (the token table is large)
+        proxies.append(sum(weight_proxy(ir.node_weight(gm, m), fake_quant(gm, m, cand, cache),
+                                        (m.meta.get(ir.ACT_STATS) or {}).get("hdiag")) for m in members))
+    costs = [grp.cost(c, "bytes") for c in grp.candidates]
+    bits = [c.weight_bits or 32 for c in grp.candidates]
+    anchors = choose_anchors(costs, proxies, bits, target)
+    return estimate_errors(proxies, {i: measure(grp.candidates[i]) for i in anchors}), len(anchors)
+
+
 @register_pass("sensitivity", options=SensitivityOptions, kind="analysis", provides=(SensitivityTable,))
 def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
     """Measure each candidate format's output error per tie group (only under avg_bits / budget_bytes)."""
     opts = ctx.options or SensitivityOptions()
+    if opts.measure not in MEASURES:
+        from fxquant.errors import ConfigError
+        raise ConfigError(f"sensitivity option measure must be one of {MEASURES}, got {opts.measure!r}")
     config = ctx.config or {}
     mode, _, _ = budget_mode(config)
     if mode is None:
@@ -155,21 +183,29 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
             refs.append(_tensors(readout(replay.run(*b), i)))
             envs.append(replay.env)
         metric = resolve_metric(opts.metric, refs[0], readout=config.get("sensitivity_readout") is not None)
+        target = _target_bits(config, groups)
         total = sum(len(g.candidates) for g in groups)
         bar = Progress("sensitivity", total, bool(ctx.progress))
-        done = 0
+        done = measured_count = 0
         for grp in groups:
             members = [by_name[n] for n in grp.names]
-            result = {}
-            for cand in grp.candidates:
+
+            def measure(cand) -> float:
                 new = [fake_quant(gm, m, cand, cache) for m in members]
                 errs = [
                     output_error(r, _tensors(readout(run_with_weights(gm, b, env, members, new), i)), metric)
                     for i, (r, b, env) in enumerate(zip(refs, batches, envs))
                 ]
-                result[cand.label()] = sum(errs) / len(errs)
-                done += 1
-                bar.step(done)
+                return sum(errs) / len(errs)
+
+            if opts.measure == "anchors" and len(grp.candidates) > 3:
+                errors, n_measured = _anchored_errors(gm, grp, members, cache, measure, target)
+            else:
+                errors, n_measured = [measure(c) for c in grp.candidates], len(grp.candidates)
+            measured_count += n_measured
+            result = {c.label(): e for c, e in zip(grp.candidates, errors)}
+            done += len(grp.candidates)
+            bar.step(done)
             for m in members:
                 m.meta[ir.SENSITIVITY] = dict(result)
                 table.errors[m.name] = dict(result)
@@ -177,5 +213,6 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
     ctx.analyses.set(table)
     return PassResult(
         changed=False,
-        message=f"{len(groups)} groups x candidates measured ({metric}) on {len(batches)} batches",
+        message=f"{len(groups)} groups: {measured_count} of {total} candidates measured ({metric}) on "
+                f"{len(batches)} batches" + ("" if measured_count == total else ", the rest estimated"),
     )

@@ -77,7 +77,7 @@ def cmd_compile_whisper(args) -> int:
         raise ConfigError("Whisper compiles take --bits or --avg-bits (a budget in bytes is not supported yet)")
     ckpt = load_checkpoint(args.model)
     _log(f"compiling {ckpt.name} ...")
-    cw = compile_whisper(ckpt, bits=args.bits, avg_bits=args.avg_bits, target=args.target)
+    cw = compile_whisper(ckpt, bits=args.bits, avg_bits=args.avg_bits, target=args.target, log=_log)
     print(cw.report())
     _log(f"compiled in {cw.compile_seconds:.1f} s; {cw.packed_bytes() / 2**20:.1f} MiB of weights")
     if args.out:

@@ -26,7 +26,6 @@ import torch
 from fxquant.errors import ArtifactError, ConfigError
 
 from .decoding import ModelParts
-from .joint import compile_jointly
 
 __all__ = ["CompiledWhisper", "compile_whisper", "precision_key", "whisper_calibration", "cached_compile"]
 
@@ -64,10 +63,8 @@ def whisper_calibration(model, tokenizer, waves: list[torch.Tensor]) -> WhisperC
     audio = [model.encoder(m) for m in mels]
     cross = [model.decoder.cross_cache(a) for a in audio]
     prompt = tokenizer.sot_sequence(language="en" if tokenizer.multilingual else None)
-    tokens = []
-    for m, a in zip(mels, audio):
-        r = decode_windows(parts, tokenizer, m, DecodeOptions(), audio=a)[0]
-        tokens.append(torch.tensor([prompt + r.tokens + [tokenizer.eot]]))
+    results = decode_windows(parts, tokenizer, torch.cat(mels), DecodeOptions(), audio=torch.cat(audio))
+    tokens = [torch.tensor([prompt + r.tokens + [tokenizer.eot]]) for r in results]   # one batch: B=len(waves)
     return WhisperCalibration(mels, audio, cross, tokens)
 
 
@@ -82,6 +79,7 @@ class CompiledWhisper:
         self.name = name
         self.precision = precision
         self.compile_seconds = compile_seconds
+        self.directory: Path | None = None       # the artifact folder, once saved or loaded
 
     def parts(self) -> ModelParts:
         d = self.dims
@@ -146,7 +144,9 @@ class CompiledWhisper:
             raise ArtifactError(f"{directory}: corrupt Whisper artifact ({exc}); compile it again") from exc
         parts = [fxquant.load(directory / p, target=target) if target else fxquant.load(directory / p)
                  for p in PARTS]
-        return cls(*parts, ModelDimensions(**dims), tok, name, precision)
+        cw = cls(*parts, ModelDimensions(**dims), tok, name, precision)
+        cw.directory = directory      # where it was loaded from (fxquant.asr.cache_index records it)
+        return cw
 
 
 def _check_destination(directory: Path) -> None:
@@ -160,23 +160,27 @@ def _check_destination(directory: Path) -> None:
 
 def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None,
                     calibration_waves: list[torch.Tensor] | None = None, target: str = "native",
-                    **options: Any) -> CompiledWhisper:
+                    log=None, **options: Any) -> CompiledWhisper:
     """Compile the encoder, cross cache and decoder step of a WhisperCheckpoint at one precision.
 
     `bits` / `avg_bits` and `options` are compile_lowbit's (rules by module name inside each part:
     "blocks.0.mlp.0" in the encoder, "decoder.blocks.0.attn.query" in the step and cross cache).
+    `log` (e.g. print) receives one line per compile phase with its time.
     """
     import fxquant
     from fxquant.models.whisper import DecoderCrossCache, DecoderStep
     from fxquant.models.whisper_text import WhisperTokenizer
 
     from .data import calibration_waves as default_waves
+    from .joint import compile_jointly          # torch.export and the pass manager: only when compiling
 
     start = time.perf_counter()
     model = ckpt.model
     tokenizer_file = ckpt.directory / "tokenizer.json"
     tok = WhisperTokenizer.from_file(tokenizer_file)
+    log = log or (lambda *a: None)
     cal = whisper_calibration(model, tok, calibration_waves or default_waves())
+    log(f"calibration audio through the fp32 model in {time.perf_counter() - start:.1f} s")
     empty = lambda: model.decoder.empty_cache(1)  # noqa: E731 - a fresh cache per calibration item
     step_cal = [(t, c, empty(), torch.tensor(0)) for t, c in zip(cal.tokens, cal.cross)]
     specs = [("encoder", model.encoder, [(m,) for m in cal.mels]),
@@ -184,7 +188,7 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
              ("step", DecoderStep(model.decoder), step_cal)]
     if avg_bits is not None or options.get("budget_bytes") is not None:
         enc, cross, step = compile_jointly(_joint_parts(model, cal, specs), avg_bits=avg_bits, target=target,
-                                           **options)
+                                           log=log, **options)
     else:
         common = dict(bits=bits if bits is not None or options.get("rules") else 8, target=target, **options)
         enc, cross, step = (fxquant.compile_lowbit(mod, batch_of_two(items[0]), calibration=items, **common)
@@ -226,6 +230,8 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     recipe = calibration_recipe()
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
+    if avg_bits is not None:         # budget compiles since the anchored sensitivity sweep (measure="anchors")
+        key_src += "|sweep=anchors"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = Path(cache) if cache else Path(cache_dir()) / "whisper"
     folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"
@@ -238,9 +244,10 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
         except ArtifactError as exc:
             log(f"cached artifact unusable ({exc}); compiling again")
     log(f"compiling {ckpt.name} at {precision_key(bits, avg_bits)} (once; cached in {folder}) ...")
-    cw = compile_whisper(ckpt, bits=bits, avg_bits=avg_bits)
+    cw = compile_whisper(ckpt, bits=bits, avg_bits=avg_bits, log=log)
     log(f"compiled in {cw.compile_seconds:.1f} s")
     cw.save(folder)
+    cw.directory = folder
     return cw
 
 

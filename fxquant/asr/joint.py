@@ -1,8 +1,9 @@
 """One precision budget for a whole Whisper model: encoder, cross-attention cache and decoder step.
 
-Each part is captured and calibrated on its own graph, then the sensitivity pass measures every
-candidate format of every tie group with one common error: the KL divergence of the fp32 decoder's
-next-token distribution, teacher-forced on real transcripts, when only that group's weights change.
+Each part is captured and calibrated on its own graph, then the sensitivity pass scores every
+candidate format of every tie group (three measured per group, the others estimated from their
+Hessian-weighted weight error; `measure="all"` measures all) with one common error: the KL
+divergence of the fp32 decoder's next-token distribution, teacher-forced on real transcripts, when only that group's weights change.
 (An encoder candidate changes the audio features, which the fp32 cross cache and decoder read; a
 cross-cache candidate changes the keys/values the fp32 decoder reads; a decoder candidate changes the
 logits directly.) One knapsack over all groups of all parts then picks the formats under the budget
@@ -51,10 +52,12 @@ def _finish_pipeline(target: str) -> str:
 
 def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget_bytes: int | None = None,
                     target: str = "native", max_batches: int = 4, log=None, awq: bool = False,
-                    **options: Any) -> list[CompiledModule]:
+                    measure: str = "anchors", **options: Any) -> list[CompiledModule]:
     """Compile several graphs under one budget; returns one CompiledModule per part, in order.
 
     awq=True runs the awq-scale pass (activation-aware channel scales) before the sensitivity sweep.
+    measure: the sensitivity pass's option: "anchors" (default: three formats per group measured, the
+    others estimated from their Hessian-weighted weight error) or "all" (every format measured).
     """
     config = {"avg_bits": avg_bits, "budget_bytes": budget_bytes, "target": target, **options}
     mode, budget, label = budget_mode(config)
@@ -68,22 +71,26 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         cfg = dict(config, sensitivity_readout=spec.readout)
         ctx = PassContext(example_inputs=spec.example, calibration=spec.calibration, config=cfg,
                           progress=sys.stderr.isatty(), model=spec.module)
-        analysis = f"{ANALYSIS}{{max_batches={max_batches}}}"
+        analysis = f"{ANALYSIS}{{max_batches={max_batches},measure={measure}}}"
         if awq:
             analysis = analysis.replace(",sensitivity", ",awq-scale,sensitivity")
         pm = PassManager(analysis)
         with eval_mode(spec.module):
             gm = pm.run(gm, ctx)
         states.append((spec, gm, ctx, pm))
-        log(f"{spec.name}: captured, calibrated and measured in {time.perf_counter() - start:.1f} s")
+        sens = next((t for t in pm.timings if t.name == "sensitivity"), None)
+        log(f"{spec.name}: captured, calibrated and measured in {time.perf_counter() - start:.1f} s"
+            + (f" (sensitivity {sens.seconds:.1f} s: {sens.message})" if sens else ""))
     decisions = _solve_jointly(states, mode, budget, label)
     out = []
     for (spec, gm, ctx, pm), chosen in zip(states, decisions):
         ctx.config = dict(ctx.config, decisions=chosen)
         ctx.config.pop("sensitivity_readout", None)
         finish = PassManager(_finish_pipeline(target))
+        start = time.perf_counter()
         with eval_mode(spec.module):
             gm = finish.run(gm, ctx)
+        log(f"{spec.name}: quantized, lowered and built in {time.perf_counter() - start:.1f} s")
         out.append(CompiledModule(gm, pipeline=f"{ANALYSIS},{_finish_pipeline(target)}",
                                   timings=pm.timings + finish.timings, config=ctx.config, name=spec.name,
                                   fp32_bytes=tensor_bytes(spec.module), example_inputs=spec.example))

@@ -14,10 +14,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+
+from fxquant.memory import trim_heap
 
 from .decoding import DecodeOptions, DecodeResult, ModelParts, batched, compression_ratio, decode_windows
 
@@ -30,7 +33,8 @@ class TranscribeOptions:
     compression_ratio_threshold: float = 2.4
     logprob_threshold: float = -1.0
     no_speech_threshold: float = 0.6
-    batch_size: int = 8
+    batch_size: int = 8                  # windows decoded together
+    encoder_batch: int = 1               # windows per encoder call: its activations are most of the peak memory
     best_of: int = 5
     language: str | None = "en"
     max_tokens: int | None = None
@@ -49,17 +53,47 @@ class Transcript:
 def split_windows(audio: torch.Tensor) -> torch.Tensor:
     """Log-mel windows (W, n_mels, 3000) of a 16 kHz mono waveform: one per started 30 s.
 
-    The mel is computed over the audio followed by 30 s of silence (as openai-whisper), so every
-    window, the last one included, is a full 3000 frames of real features.
+    The features are openai-whisper's: the mel of the audio followed by 30 s of silence, every window,
+    the last one included, a full 3000 frames. Only the frames the windows use are computed, plus the
+    few after them whose STFT window still reaches the audio (they can hold the loudest frame, which sets
+    the 8-unit floor); every later frame of the silence is at the floor's minimum and changes nothing.
+
+    Example:
+        >>> split_windows(torch.zeros(16000 * 31)).shape       # 31 s: two windows
+        torch.Size([2, 80, 3000])
     """
     from fxquant.models.whisper_frontend import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram
 
     if audio.dim() != 1:
         raise ValueError(f"expected a mono waveform (samples,), got shape {tuple(audio.shape)}")
-    mel = log_mel_spectrogram(audio, padding=N_SAMPLES)
     content = max(1, -(-audio.shape[0] // HOP_LENGTH))
     n_windows = -(-content // N_FRAMES)
+    # zeros up to the windows' end + 3 hops: every frame overlapping the audio, and the end's reflect padding
+    # (N_FFT // 2 samples) reads zeros only, as it does after 30 s of silence
+    total = n_windows * N_SAMPLES + 3 * HOP_LENGTH
+    mel = log_mel_spectrogram(audio, padding=total - audio.shape[0])
     return torch.stack([mel[:, i * N_FRAMES:(i + 1) * N_FRAMES] for i in range(n_windows)])
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's ops on one thread inside the block (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _kernel_threads(parts: ModelParts):
+    """Compiled parts: the encoder's and decoder's torch glue on one thread, fxquant's kernels on all
+    (fxquant.codegen.threadpool.pool_owns_threads); fp32 parts keep torch's settings."""
+    if not parts.kernel_owned_threads:
+        return contextlib.nullcontext()
+    from fxquant.codegen.threadpool import pool_owns_threads
+
+    return pool_owns_threads()
 
 
 class Transcriber:
@@ -92,14 +126,16 @@ class Transcriber:
                          progress: Callable[[int], None] | None = None) -> list[Transcript]:
         """Transcripts of 16 kHz mono waveforms; `progress(n)` is called as files finish."""
         windows = []                      # (file index, mel window)
-        for i, wave in enumerate(waves):
-            windows.extend((i, w) for w in split_windows(wave))
+        with one_torch_thread():          # small FFTs: a second OpenMP thread costs more than it gives
+            for i, wave in enumerate(waves):
+                windows.extend((i, w) for w in split_windows(wave))
         results: list[DecodeResult] = []
         last_window = {i: n for n, (i, _) in enumerate(windows)}      # file -> index of its last window
-        for chunk in batched(windows, self.options.batch_size):
-            results.extend(self.decode(torch.stack([w for _, w in chunk])))
-            if progress is not None:
-                progress(sum(last < len(results) for last in last_window.values()))
+        with _kernel_threads(self.parts):
+            for chunk in batched(windows, self.options.batch_size):
+                results.extend(self.decode(torch.stack([w for _, w in chunk])))
+                if progress is not None:
+                    progress(sum(last < len(results) for last in last_window.values()))
         per_file: list[list[DecodeResult]] = [[] for _ in waves]
         for (i, _), r in zip(windows, results):
             per_file[i].append(r)
@@ -108,7 +144,8 @@ class Transcriber:
     def decode(self, mels: torch.Tensor) -> list[DecodeResult]:
         """Decode a batch of windows with the temperature fallback and the no-speech rule."""
         o = self.options
-        audio = self.parts.encoder(mels)
+        audio = torch.cat([self.parts.encoder(m) for m in mels.split(max(1, o.encoder_batch))])
+        trim_heap()                       # the encoder's freed activations back to the OS before the decode
         final: list[DecodeResult | None] = [None] * mels.shape[0]
         todo = list(range(mels.shape[0]))
         for t in o.temperatures:

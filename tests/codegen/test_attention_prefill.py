@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -56,6 +57,15 @@ def check(kern, q, k, v, scale=None, what=""):
     assert err16 <= tight, f"{what}: {err16:.3g} > {tight:.3g} vs the bf16-input reference"
     assert err32 <= loose, f"{what}: {err32:.3g} > {loose:.3g} vs fp32 SDPA"
     return err32, loose
+
+
+def kernel_jobs() -> list:
+    """Zero-argument callables that build the kernels the tests below add to test_attention's (prebuild.py)."""
+    if not HAVE:
+        return []
+    return [partial(attention_kernel, d, "avx512") for d in (16, 80, 128)] + [
+        partial(attention_kernel, 64, "avx512", prefill_split=s) for s in (1, 2)
+    ]
 
 
 def operands(b, h, lq, lk, d, seed):

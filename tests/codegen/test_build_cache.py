@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,6 +51,37 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
     assert _build(tmp_path) == lib
     assert build.STATS["compiles"] == compiles + 1 and build.STATS["rebuilt"] == rebuilt + 1
     assert build.verified(lib) and lib.read_bytes() == good
+
+
+def test_builds_of_one_key_wait_for_the_one_running(tmp_path, monkeypatch):
+    """Another process compiles a source (its compiler blocks until released) while three threads here ask for
+    the same library: they wait for it and load its result; the compiler runs once, no lock file is left."""
+    runs, go, cache = tmp_path / "runs", tmp_path / "go", tmp_path / "cache"
+    cc = tmp_path / "gated-cc"  # logs each compile, then waits for `go`
+    cc.write_text(f'#!/bin/sh\ncase " $* " in *" -o "*) echo run >> "{runs}"; '
+                  f'while [ ! -e "{go}" ]; do sleep 0.05; done;; esac\nexec "{build.find_compiler()}" "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    code = ("from fxquant.codegen import build; "
+            f"print(build.compile_source({SOURCE!r}, 'demo', {FLAGS!r}, {str(cache)!r}))")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not runs.exists():  # the other process holds the key's lock from before its compiler starts
+            assert other.poll() is None and time.monotonic() < deadline, "the other process did not compile"
+            time.sleep(0.05)
+        compiles, hits = build.STATS["compiles"], build.STATS["cache_hits"]
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(build.compile_source, SOURCE, "demo", FLAGS, str(cache)) for _ in range(3)]
+            threading.Timer(0.3, go.touch).start()
+            libs = {f.result(timeout=60) for f in waiting}
+    finally:
+        go.touch()
+        out, _ = other.communicate(timeout=60)
+    assert other.returncode == 0 and libs == {Path(out.strip())}
+    assert runs.read_text().splitlines() == ["run"] and build.verified(Path(out.strip()))
+    assert build.STATS["compiles"] == compiles and build.STATS["cache_hits"] == hits + 3
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
 def test_a_compiler_that_writes_nothing_is_an_error_and_caches_nothing(tmp_path, monkeypatch):

@@ -130,3 +130,35 @@ def test_static_activation_scale(target):
     conv.kernel = compile_op(conv, target)
     x = torch.randn(2, 8, 31)
     assert_close(conv(x), conv.reference(x), "static conv1d")
+
+
+
+def test_attach_builds_kernels_concurrently(monkeypatch):
+    """Kernels of different ops are built at the same time: every fake build waits at a barrier for
+    another one (a serial loop would time out there); all are still attached, in graph order."""
+    import threading
+
+    import fxquant.codegen.attach as attach_mod
+
+    gm = traced()
+    barrier = threading.Barrier(2, timeout=20)
+    threads = []
+
+    class FakeKernel:
+        source = "/* fake */"
+
+        def __init__(self, name):
+            self.name = name
+
+    def fake_compile(op, target, cache_dir):
+        threads.append(threading.get_ident())
+        if len(threads) <= 2:
+            barrier.wait()          # BrokenBarrierError (test failure) unless two builds overlap
+        return FakeKernel(f"kernel{len(threads)}")
+
+    monkeypatch.setattr(attach_mod, "compile_op", fake_compile)
+    monkeypatch.setattr(attach_mod, "BUILD_WORKERS", 2)
+    report = attach_mod.attach_kernels(gm, target="portable")
+    assert len(threads) == 3 and len(set(threads[:2])) == 2
+    assert list(report.attached) == [name for name, _ in attach_mod.lowered_ops(gm)]
+    assert all(b == "c:portable" for b in report.backends.values())

@@ -1,5 +1,10 @@
-"""Every linear kernel vs op.reference over shapes, bit widths, table formats, groups, epilogues."""
+"""Every linear kernel vs op.reference over shapes, bit widths, table formats, groups, epilogues.
+
+Every op a test here compiles comes from the case lists and builders below, which `kernel_jobs` hands to the
+background build of a cold run (tests/codegen/prebuild.py)."""
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -31,11 +36,76 @@ PORTABLE_CASES = [(13, 70, b, 32, "sym", True, None, 8) for b in (2, 3, 4, 5, 8)
     (20, 70, 8, 32, "row_cb", False, None, 8),
     (13, 70, 4, 64, "asym", True, "gelu", None),
 ]
+AVX2_CASES = PORTABLE_CASES[:3] + PORTABLE_CASES[-2:]
+LARGE_M_CASES = [
+    (40, 64, 4, 64, "sym", True, "gelu", 8),
+    (13, 100, 2, None, "asym", False, None, 8),
+    (19, 64, 3, 32, "row_cb", True, None, None),
+]
+MAGNITUDES_CASE = (24, 64, 4, 32, "sym", True, None, 8)
+EXACT_CASES = [(fmt, group) for group in (32, None) for fmt in ("sym", "asym", "row_cb")]
+EPILOGUES = ["gelu", "silu", "relu"]
+FUSED_CASES = [
+    (40, 64, 4, 32, "sym", True, None, 8),
+    (24, 70, 3, None, "row_cb", False, "gelu", 8),
+    (19, 96, 4, 32, "asym", True, None, None),
+]
+FUSIONS = ["ln", "res", "ln+res"]
+
+
+def exact_op(fmt: str, group: int | None):
+    """Power-of-two scales and no bias (test_integer_accumulators_bit_exact)."""
+    return make_linear(37, 100, 4, group, fmt, bias=False, pow2_scales=True)
+
+
+def epilogue_op(epilogue: str):
+    """96 outputs whose biases span the epilogue's range (test_epilogue_functions_over_a_wide_range)."""
+    op = make_linear(96, 32, 8, None, "sym", True, epilogue, 8)
+    op.bias = torch.cat(
+        [
+            torch.linspace(-30, 30, 80),
+            torch.tensor(
+                [0.0, -1e-6, 1e-6, -0.5, 0.5, 1.0, -1.0, 3.0, -3.0, 6.0, -6.0, 12.0, -12.0, 88.0, -88.0, 1e-3]
+            ),
+        ]
+    )
+    return op
+
+
+def fused_op(case, fusion: str):
+    """(op with a fused LayerNorm and / or residual add, the generator that drew its LayerNorm weights)."""
+    n, k, bits, group, fmt, bias, epi, act = case
+    op = make_linear(n, k, bits, group, fmt, bias, epi, act)
+    gen = torch.Generator().manual_seed(3)
+    if "ln" in fusion:
+        op.fuse_layer_norm(
+            torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) if bias else None, 1e-5
+        )
+    op.residual = "res" in fusion
+    return op, gen
+
+
+def kernel_jobs() -> list:
+    """Zero-argument callables that build every kernel the tests below compile (for the background build)."""
+    cases = [("avx512", c) for c in AVX512_CASES if "avx512" in RUNNABLE]
+    cases += [("portable", c) for c in PORTABLE_CASES]
+    cases += [("avx2", c) for c in AVX2_CASES if "avx2" in RUNNABLE]
+    cases += [(t, c) for t in RUNNABLE for c in LARGE_M_CASES + [MAGNITUDES_CASE]]
+    jobs = [partial(_compile, partial(make_linear, *c), t) for t, c in cases]
+    jobs += [partial(_compile, partial(exact_op, *c), t) for t in RUNNABLE for c in EXACT_CASES]
+    jobs += [partial(_compile, partial(epilogue_op, e), t) for t in RUNNABLE for e in EPILOGUES]
+    return jobs + [
+        partial(_compile, lambda c=c, f=f: fused_op(c, f)[0], t)
+        for t in RUNNABLE for c in FUSED_CASES for f in FUSIONS
+    ]
+
+
+def _compile(make_op, target):
+    return compile_op(make_op(), target)
 
 
 def _check(target, case, ms=MS):
-    n, k, bits, group, fmt, bias, epi, act = case
-    op = make_linear(n, k, bits, group, fmt, bias, epi, act)
+    op, k = make_linear(*case), case[1]
     kern = compile_op(op, target)
     for m in ms:
         x = make_input(m, k, seed=m)
@@ -54,21 +124,13 @@ def test_portable_linear(case):
 
 
 @pytest.mark.skipif("avx2" not in RUNNABLE, reason="host cannot run avx2 kernels")
-@pytest.mark.parametrize("case", PORTABLE_CASES[:3] + PORTABLE_CASES[-2:], ids=str)
+@pytest.mark.parametrize("case", AVX2_CASES, ids=str)
 def test_avx2_linear(case):
     _check("avx2", case)
 
 
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize(
-    "case",
-    [
-        (40, 64, 4, 64, "sym", True, "gelu", 8),
-        (13, 100, 2, None, "asym", False, None, 8),
-        (19, 64, 3, 32, "row_cb", True, None, None),
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize("case", LARGE_M_CASES, ids=str)
 def test_large_m(target, case):
     """M=1500 (the encoder's frame count): blocked path, and the M split when N has few row blocks."""
     _check(target, case, ms=(1500,))
@@ -76,7 +138,7 @@ def test_large_m(target, case):
 
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_large_magnitudes_and_leading_dims(target):
-    op = make_linear(24, 64, 4, 32, "sym", True, None, 8)
+    op = make_linear(*MAGNITUDES_CASE)
     kern = compile_op(op, target)
     x = make_input(6, 64, big=True).view(2, 3, 64)
     assert_close(kern(x), op.reference(x), "big")
@@ -97,7 +159,7 @@ def test_large_magnitudes_and_leading_dims(target):
 def test_integer_accumulators_bit_exact(target, fmt, group):
     """Power-of-two scales, no bias: every fp32 step before the final *s_a is exact, so the outputs
     equal the reference bit for bit iff every per-group int32 accumulator is exact."""
-    op = make_linear(37, 100, 4, group, fmt, bias=False, pow2_scales=True)
+    op = exact_op(fmt, group)
     kern = compile_op(op, target)
     for m in (1, 3, 8, 61):
         x = make_input(m, 100, seed=m)
@@ -105,47 +167,25 @@ def test_integer_accumulators_bit_exact(target, fmt, group):
 
 
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize("epilogue", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_epilogue_functions_over_a_wide_range(target, epilogue):
     """Zero activations leave y = epilogue(bias): the (vectorised) epilogue itself against torch."""
-    from fxquant.ops import EPILOGUES
+    from fxquant.ops import EPILOGUES as FUNCTIONS
 
-    op = make_linear(96, 32, 8, None, "sym", True, epilogue, 8)
-    op.bias = torch.cat(
-        [
-            torch.linspace(-30, 30, 80),
-            torch.tensor(
-                [0.0, -1e-6, 1e-6, -0.5, 0.5, 1.0, -1.0, 3.0, -3.0, 6.0, -6.0, 12.0, -12.0, 88.0, -88.0, 1e-3]
-            ),
-        ]
-    )
+    op = epilogue_op(epilogue)
     kern = compile_op(op, target)
     y = kern(torch.zeros(3, 32))
-    want = EPILOGUES[epilogue](op.bias)[None].expand(3, -1)
+    want = FUNCTIONS[epilogue](op.bias)[None].expand(3, -1)
     torch.testing.assert_close(y, want, rtol=3e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize(
-    "case",
-    [
-        (40, 64, 4, 32, "sym", True, None, 8),
-        (24, 70, 3, None, "row_cb", False, "gelu", 8),
-        (19, 96, 4, 32, "asym", True, None, None),
-    ],
-    ids=str,
-)
-@pytest.mark.parametrize("fusion", ["ln", "res", "ln+res"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_fused_layernorm_and_residual(target, case, fusion):
     """LayerNorm prologue (float64 statistics) and residual add inside the kernel vs op.reference."""
-    n, k, bits, group, fmt, bias, epi, act = case
-    op = make_linear(n, k, bits, group, fmt, bias, epi, act)
-    gen = torch.Generator().manual_seed(3)
-    if "ln" in fusion:
-        op.fuse_layer_norm(
-            torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) if bias else None, 1e-5
-        )
-    op.residual = "res" in fusion
+    n, k = case[:2]
+    op, gen = fused_op(case, fusion)
     kern = compile_op(op, target)
     assert ("_ln" in kern.name) == ("ln" in fusion) and ("_res" in kern.name) == ("res" in fusion)
     for m in (1, 3, 61, 1500):

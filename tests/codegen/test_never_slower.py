@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from .test_conv_attach import make_conv
 SLOW_OUT = 48  # the layer whose kernel the tests slow down
 # one thread: on a busy machine torch's OpenMP can take milliseconds for a tiny F.linear at two threads, which
 # would (rightly) keep the slowed kernel and make these tests depend on the machine's load
-pytestmark = pytest.mark.usefixtures("one_thread")
+# kernel_prebuild_done: no background compilers competing with the timings
+pytestmark = pytest.mark.usefixtures("one_thread", "kernel_prebuild_done")
 
 
 class SlowKernel:
@@ -93,8 +95,18 @@ def test_the_kernel_must_be_clearly_slower_to_be_replaced(kernel_ms, fp32_ms, sl
     assert slower_kernel(kernel_ms, fp32_ms) is slower
 
 
+DECIDE_CASE = (64, 128, 4, 64, "sym", True, None, 8)
+
+
+def kernel_jobs() -> list:
+    """Zero-argument callables that build the kernels test_decide_times_both_and_keeps_the_faster times
+    (tests/codegen/prebuild.py); the compile_lowbit tests build theirs from their models."""
+    return [lambda: fxquant.codegen.compile_op(make_linear(*DECIDE_CASE), "native"),
+            partial(fxquant.codegen.attention_kernel, 16, "native")]
+
+
 def test_decide_times_both_and_keeps_the_faster():
-    op = make_linear(64, 128, 4, 64, "sym", True, None, 8)
+    op = make_linear(*DECIDE_CASE)
     kernel = fxquant.codegen.compile_op(op, "native")
     x = make_input(4, 128)
     timing, fallback, name = decide(op, SlowKernel(kernel), (x,), {})

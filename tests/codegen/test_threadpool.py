@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from .codegen_cases import assert_close, make_input, make_linear
 from .test_conv_attach import make_conv
 
 RUNNABLE = [t for t in ("avx512", "portable") if TARGETS[t].runnable()]
+pytestmark = pytest.mark.usefixtures("kernel_prebuild_done")  # helpers' timings without background compilers
 
 # a probe library on the kernels' own runtime code: chunk i records which thread ran it (0 = the caller)
 PROBE = """{% include "_runtime.c.j2" %}
@@ -209,16 +211,39 @@ LINEAR_CASES = [  # (target, n, k, m, bits, fmt, act_bits, fuse LayerNorm + resi
 ]
 
 
+def case_op(case):
+    """(op of a LINEAR_CASES row, the generator for its residual: it drew the LayerNorm weights)."""
+    _, n, k, m, bits, fmt, act, fused = case
+    op, gen = make_linear(n, k, bits, 64, fmt, True, "gelu", act), torch.Generator().manual_seed(3)
+    if fused:
+        op.fuse_layer_norm(torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen), 1e-5)
+        op.residual = True
+    return op, gen
+
+
+def depthwise_conv():
+    return make_conv(64, 64, (9,), (1,), (4,), (1,), 8, None, "relu")
+
+
+BIG = (1024, 1024, 4, 64, "sym", True, None, 8)  # the pool tests' kernel ("native")
+WIDE = (512, 256, 8, 64, "asym", False, "relu", 8)
+
+
+def kernel_jobs() -> list:
+    """Zero-argument callables that build every kernel the tests here compile (tests/codegen/prebuild.py)."""
+    jobs = [partial(compile_op, make_linear(*BIG), "native")]
+    jobs += [lambda c=c: compile_op(case_op(c)[0], c[0]) for c in LINEAR_CASES if c[0] in RUNNABLE]
+    for t in RUNNABLE:
+        jobs += [lambda t=t: compile_op(depthwise_conv(), t), partial(attention_kernel, 64, t)]
+        jobs += [lambda t=t, c=c: compile_op(make_linear(*c), t) for c in (BIG, WIDE)]
+    return jobs
+
+
 @pytest.mark.parametrize("case", [c for c in LINEAR_CASES if c[0] in RUNNABLE], ids=str)
 def test_linear_kernels_give_the_same_bits_at_1_2_and_3_threads(case, no_solo):
     target, n, k, m, bits, fmt, act, fused = case
-    op = make_linear(n, k, bits, 64, fmt, True, "gelu", act)
-    res = None
-    if fused:
-        gen = torch.Generator().manual_seed(3)
-        op.fuse_layer_norm(torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen), 1e-5)
-        op.residual = True
-        res = torch.randn(m, n, generator=gen)
+    op, gen = case_op(case)
+    res = torch.randn(m, n, generator=gen) if fused else None
     kern = compile_op(op, target)
     x = make_input(m, k, seed=5)
     outs = [_at_threads(lambda: kern(x, residual=res) if fused else kern(x), t) for t in (1, 2, 3)]
@@ -228,7 +253,7 @@ def test_linear_kernels_give_the_same_bits_at_1_2_and_3_threads(case, no_solo):
 
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_grouped_conv_and_attention_give_the_same_bits_at_1_2_and_3_threads(target, no_solo):
-    conv = make_conv(64, 64, (9,), (1,), (4,), (1,), 8, None, "relu")
+    conv = depthwise_conv()
     ck = compile_op(conv, target)
     x = torch.randn(3, 64, 500)
     outs = [_at_threads(lambda: ck(x), t) for t in (1, 2, 3)]
@@ -243,8 +268,7 @@ def test_grouped_conv_and_attention_give_the_same_bits_at_1_2_and_3_threads(targ
 
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_kernels_called_from_two_python_threads_at_once(target, no_solo):
-    big = make_linear(1024, 1024, 4, 64, "sym", True, None, 8)
-    wide = make_linear(512, 256, 8, 64, "asym", False, "relu", 8)
+    big, wide = make_linear(*BIG), make_linear(*WIDE)
     kernels = [
         (compile_op(big, target), make_input(40, 1024, seed=1)),
         (compile_op(wide, target), make_input(200, 256, seed=2)),

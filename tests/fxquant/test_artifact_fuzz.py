@@ -178,8 +178,7 @@ def _strings(manifest) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    torch.set_num_threads(1)
+def original(tmp_path_factory, one_thread):
     cm = fxquant.compile_lowbit(KeywordCNN().eval(), (torch.randn(2, 1, 10, 10),), bits=4, target="reference")
     folder = tmp_path_factory.mktemp("fuzz") / "art"
     cm.save(folder)

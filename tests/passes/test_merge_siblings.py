@@ -49,9 +49,13 @@ def test_siblings_become_one_call_with_identical_outputs():
 
 
 def test_merged_kernel_matches_separate_kernels(tmp_path):
+    # kernels on both sides: never_slower would time each against torch and may keep the fp32 op on one side
     model, x, y = QKV().eval(), torch.randn(1, 1, 64), torch.randn(1, 16)
-    cm = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(True) + ",codegen")
-    ref = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(False) + ",codegen")
+    codegen = ",codegen{never_slower=false}"
+    cm = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(True) + codegen)
+    ref = fxquant.compile_lowbit(model, (x, y), bits=4, passes=_pipeline(False) + codegen)
+    for c in (cm, ref):
+        assert all(r["backend"].startswith("c:") for r in c.report_rows() if "backend" in r), c.report_rows()
     for a, b in zip(cm(x, y), ref(x, y)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     loaded = fxquant.load(cm.save(tmp_path / "m"))

@@ -16,6 +16,28 @@ def test_split_windows(seconds, windows):
     assert torch.isfinite(mels).all()
 
 
+def _windows_after_30s_of_silence(audio: torch.Tensor) -> torch.Tensor:
+    """openai-whisper's features: the mel of the audio + 30 s of zeros, cut into 3000-frame windows."""
+    from fxquant.models.whisper_frontend import N_SAMPLES, log_mel_spectrogram
+
+    mel = log_mel_spectrogram(audio, padding=N_SAMPLES)
+    n = -(-max(1, -(-audio.shape[0] // 160)) // 3000)
+    return torch.stack([mel[:, i * 3000:(i + 1) * 3000] for i in range(n)])
+
+
+@pytest.mark.parametrize("samples", [401, 16000, 479_599, 479_850, 480_000, 480_001, 959_900, 1_000_003])
+@pytest.mark.parametrize("where", ["everywhere", "at the end"])
+def test_split_windows_equals_the_features_after_30s_of_silence(samples, where):
+    """Only the frames the windows use are computed, bit for bit the same (the loudest frame, which sets
+    the 8-unit floor, may be one whose STFT window reaches past the last window: lengths near 30 s)."""
+    g = torch.Generator().manual_seed(samples)
+    audio = torch.randn(samples, generator=g) * 0.1
+    if where == "at the end":                  # quiet audio whose loudest part is its last 40 samples
+        audio *= 1e-4
+        audio[-40:] = torch.randn(40, generator=g)
+    assert torch.equal(split_windows(audio), _windows_after_30s_of_silence(audio))
+
+
 def test_split_windows_rejects_stereo():
     with pytest.raises(ValueError, match="mono"):
         split_windows(torch.zeros(2, 16000))
