@@ -103,10 +103,15 @@ def _int8_bytes(model) -> int:
 
 
 def _artifact(ckpt, variant: str, cache: Path, recompile: bool) -> Path:
-    """A saved compiled Whisper for `variant` (compiled once; bits8 / avg4 through the zoo's on-disk cache)."""
+    """A saved compiled Whisper for `variant`: bits8 / avg4 are the zoo's on-disk cache folders (what users
+    load), other variants (e.g. kv_bits=None) are compiled once into the bench cache."""
     import fxquant
     from fxquant.asr.compiled import CompiledWhisper, cached_compile, compile_whisper
 
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    opts = FXQ[variant]
+    if set(opts) <= {"bits", "avg_bits"} and not recompile:   # exactly what `fxquant transcribe --model` loads
+        return Path(cached_compile(ckpt, **opts, log=log).directory)
     st = (ckpt.directory / "model.bin").stat() if (ckpt.directory / "model.bin").exists() else None
     src = json.dumps([fxquant.__version__, str(ckpt.directory), st and [st.st_size, st.st_mtime], FXQ[variant]])
     folder = cache / "artifacts" / f"{ckpt.name}-{variant}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
@@ -114,12 +119,7 @@ def _artifact(ckpt, variant: str, cache: Path, recompile: bool) -> Path:
         shutil.rmtree(folder)
     if (folder / "whisper.json").is_file():
         return folder
-    opts = FXQ[variant]
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    if set(opts) <= {"bits", "avg_bits"} and not recompile:
-        cw: CompiledWhisper = cached_compile(ckpt, **opts, log=log)
-    else:
-        cw = compile_whisper(ckpt, **opts)
+    cw: CompiledWhisper = compile_whisper(ckpt, **opts)
     cw.save(folder)
     return folder
 

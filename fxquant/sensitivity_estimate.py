@@ -22,9 +22,10 @@ import math
 
 import torch
 
-__all__ = ["weight_proxy", "pareto_frontier", "choose_anchors", "estimate_errors"]
+__all__ = ["ANCHORED_MIN_BITS", "weight_proxy", "pareto_frontier", "choose_anchors", "estimate_errors"]
 
 SLOPE_RANGE = (0.5, 2.0)       # fitted log-log slopes are clamped here (1 = error proportional to proxy)
+ANCHORED_MIN_BITS = 4.0        # sensitivity{measure=auto} anchors budgets of >= this many bits a weight only
 
 
 def weight_proxy(w: torch.Tensor, wq: torch.Tensor, hdiag: torch.Tensor | None) -> float:

@@ -222,6 +222,7 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     """compile_whisper with an on-disk cache keyed by checkpoint, precision and fxquant version."""
     import fxquant
     from fxquant.codegen import cache_dir
+    from fxquant.sensitivity_estimate import ANCHORED_MIN_BITS
 
     from .data import calibration_recipe
 
@@ -230,8 +231,8 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     recipe = calibration_recipe()
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
-    if avg_bits is not None:         # budget compiles since the anchored sensitivity sweep (measure="anchors")
-        key_src += "|sweep=anchors"
+    if avg_bits is not None and avg_bits >= ANCHORED_MIN_BITS:   # compiled with the anchored sweep since
+        key_src += "|sweep=anchors"                             # it became the default there
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = Path(cache) if cache else Path(cache_dir()) / "whisper"
     folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"

@@ -1,9 +1,10 @@
 """One precision budget for a whole Whisper model: encoder, cross-attention cache and decoder step.
 
 Each part is captured and calibrated on its own graph, then the sensitivity pass scores every
-candidate format of every tie group (three measured per group, the others estimated from their
-Hessian-weighted weight error; `measure="all"` measures all) with one common error: the KL
-divergence of the fp32 decoder's next-token distribution, teacher-forced on real transcripts, when only that group's weights change.
+candidate format of every tie group (at budgets of >= 4 bits three measured per group, the others
+estimated from their Hessian-weighted weight error; below, all measured) with one common error: the
+KL divergence of the fp32 decoder's next-token distribution, teacher-forced on real transcripts, when
+only that group's weights change.
 (An encoder candidate changes the audio features, which the fp32 cross cache and decoder read; a
 cross-cache candidate changes the keys/values the fp32 decoder reads; a decoder candidate changes the
 logits directly.) One knapsack over all groups of all parts then picks the formats under the budget
@@ -52,12 +53,13 @@ def _finish_pipeline(target: str) -> str:
 
 def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget_bytes: int | None = None,
                     target: str = "native", max_batches: int = 4, log=None, awq: bool = False,
-                    measure: str = "anchors", **options: Any) -> list[CompiledModule]:
+                    measure: str = "auto", **options: Any) -> list[CompiledModule]:
     """Compile several graphs under one budget; returns one CompiledModule per part, in order.
 
     awq=True runs the awq-scale pass (activation-aware channel scales) before the sensitivity sweep.
-    measure: the sensitivity pass's option: "anchors" (default: three formats per group measured, the
-    others estimated from their Hessian-weighted weight error) or "all" (every format measured).
+    measure: the sensitivity pass's option: "anchors" (three formats per group measured, the others
+    estimated from their Hessian-weighted weight error), "all" (every format measured) or "auto" (the
+    default: anchors for budgets of >= 4 bits a weight, all below; see passes/sensitivity.py).
     """
     config = {"avg_bits": avg_bits, "budget_bytes": budget_bytes, "target": target, **options}
     mode, budget, label = budget_mode(config)

@@ -44,13 +44,13 @@ def test_estimates_interpolate_between_anchors_and_extrapolate_with_the_fitted_s
         estimate_errors(proxies, {})
 
 
-def _mlp_context(measure: str):
+def _mlp_context(measure: str, avg_bits: float = 4):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
                             torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
     calib = [(torch.randn(16, 32),) for _ in range(2)]
     gm = capture_mod.capture(m, calib[0])
-    ctx = PassContext(example_inputs=calib[0], calibration=calib, config={"avg_bits": 4})
+    ctx = PassContext(example_inputs=calib[0], calibration=calib, config={"avg_bits": avg_bits})
     calibrate(gm, ctx)
     ctx.options = SensitivityOptions(measure=measure)
     return gm, ctx
@@ -84,3 +84,9 @@ def test_unknown_measure_option_is_a_config_error():
     gm, ctx = _mlp_context("sometimes")
     with pytest.raises(ConfigError, match="measure must be one of"):
         sensitivity(gm, ctx)
+
+
+@pytest.mark.parametrize("avg_bits, measured", [(4, "9 of 27"), (3, "27 of 27")])
+def test_auto_anchors_only_budgets_of_four_bits_or_more(avg_bits, measured):
+    gm, ctx = _mlp_context("auto", avg_bits)
+    assert f"{measured} candidates measured" in sensitivity(gm, ctx).message
