@@ -187,6 +187,7 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
             envs.append(replay.env)
         metric = resolve_metric(opts.metric, refs[0], readout=config.get("sensitivity_readout") is not None)
         target = _target_bits(config, groups)
+        anchored = opts.measure == "anchors" or (opts.measure == "auto" and target >= ANCHORED_MIN_BITS)
         total = sum(len(g.candidates) for g in groups)
         bar = Progress("sensitivity", total, bool(ctx.progress))
         done = measured_count = 0
@@ -201,7 +202,6 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
                 ]
                 return sum(errs) / len(errs)
 
-            anchored = opts.measure == "anchors" or (opts.measure == "auto" and target >= ANCHORED_MIN_BITS)
             if anchored and len(grp.candidates) > 3:
                 errors, n_measured = _anchored_errors(gm, grp, members, cache, measure, target)
             else:

@@ -109,7 +109,7 @@ def decode_windows(parts: ModelParts, tokenizer, mels: torch.Tensor, options: De
     audio = parts.encoder(mels) if audio is None else audio
     if repeat > 1:
         audio = audio.repeat_interleave(repeat, dim=0)
-    with _decode_threads(parts):
+    with kernel_thread_policy(parts):
         results = _decode(parts, tokenizer, audio, options)
     if repeat == 1:
         return results
@@ -120,7 +120,7 @@ def decode_windows(parts: ModelParts, tokenizer, mels: torch.Tensor, options: De
     return best
 
 
-def _decode_threads(parts: ModelParts):
+def kernel_thread_policy(parts: ModelParts):
     """For compiled parts, torch's many small glue ops per token run on one thread while fxquant's kernels
     keep every thread: torch's OpenMP workers would otherwise spin (or wait for a preempted worker) at every
     op, which costs more than the ops on a busy machine. fp32 parts keep torch's settings."""

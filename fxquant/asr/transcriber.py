@@ -14,15 +14,15 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fxquant.memory import trim_heap
 
-from .decoding import DecodeOptions, DecodeResult, ModelParts, batched, compression_ratio, decode_windows
+from .decoding import (DecodeOptions, DecodeResult, ModelParts, batched, compression_ratio, decode_windows,
+                       kernel_thread_policy)
 
 __all__ = ["TranscribeOptions", "Transcript", "Transcriber", "split_windows"]
 
@@ -75,27 +75,6 @@ def split_windows(audio: torch.Tensor) -> torch.Tensor:
     return torch.stack([mel[:, i * N_FRAMES:(i + 1) * N_FRAMES] for i in range(n_windows)])
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch's ops on one thread inside the block (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _kernel_threads(parts: ModelParts):
-    """Compiled parts: the encoder's and decoder's torch glue on one thread, fxquant's kernels on all
-    (fxquant.codegen.threadpool.pool_owns_threads); fp32 parts keep torch's settings."""
-    if not parts.kernel_owned_threads:
-        return contextlib.nullcontext()
-    from fxquant.codegen.threadpool import pool_owns_threads
-
-    return pool_owns_threads()
-
-
 class Transcriber:
     """Whisper transcription around three callables (fp32 modules or compiled ones) and a tokenizer."""
 
@@ -126,12 +105,14 @@ class Transcriber:
                          progress: Callable[[int], None] | None = None) -> list[Transcript]:
         """Transcripts of 16 kHz mono waveforms; `progress(n)` is called as files finish."""
         windows = []                      # (file index, mel window)
-        with one_torch_thread():          # small FFTs: a second OpenMP thread costs more than it gives
+        from fxquant.codegen.threadpool import pool_owns_threads
+
+        with pool_owns_threads():         # torch on one thread: for small FFTs a second one costs more than it gives
             for i, wave in enumerate(waves):
                 windows.extend((i, w) for w in split_windows(wave))
         results: list[DecodeResult] = []
         last_window = {i: n for n, (i, _) in enumerate(windows)}      # file -> index of its last window
-        with _kernel_threads(self.parts):
+        with kernel_thread_policy(self.parts):
             for chunk in batched(windows, self.options.batch_size):
                 results.extend(self.decode(torch.stack([w for _, w in chunk])))
                 if progress is not None:
