@@ -155,7 +155,8 @@ def wait_policies(fxquant_pool: bool = True) -> dict:
     """torch's OpenMP wait policy (OMP_WAIT_POLICY) and fxquant's pool policy (fxquant_pool=False: a process
     without torch or fxquant, e.g. the CTranslate2 peer)."""
     out = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)")}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+           "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "(unset)")}  # the fxquant CLI sets 0 when unset
     if not fxquant_pool:
         return out
     try:

@@ -2,7 +2,10 @@
 
 At compile time (codegen pass, `never_slower=true`, the default) every lowered op is called on the inputs it
 receives when the graph runs the example inputs: once with its generated kernel, once with torch's fp32 op,
-interleaved, at the current thread count (`torch.get_num_threads()`), and the faster one is kept.
+interleaved, and the faster one is kept. Both run as a compiled module runs them (CompiledModule.forward,
+threadpool.pool_owns_threads): the kernel at the current thread count (`torch.get_num_threads()`), the torch
+op on one thread (measured on Whisper tiny.en's stem conv: chosen at 2 threads, 3.15 ms beat the kernel's
+3.82 ms, but it ran on one thread in the compiled encoder, 8.8 ms).
 
 - LowbitLinear / LowbitConv fall back to `Float32Fallback`: F.linear / F.conv on the op's *dequantized*
   weights (`fxquant.qweight.dequantize`, the reference path's own dequantization), so the weights keep the
@@ -163,8 +166,10 @@ def time_pair(
     max_reps: int = 25,
     clear_ratio: float = 2.0,
 ) -> tuple[float, float]:
-    """Median ms of two callables timed alternately (load from other processes hits both alike). Stops early
-    once one is clearly (clear_ratio x) faster, else after min_reps pairs and budget_s, or max_reps pairs."""
+    """Median ms of two callables timed alternately (load from other processes hits both alike). Runs at
+    least min_reps pairs (one preempted call must not decide: a compile of Whisper tiny.en on a loaded machine
+    once handed two decode attention ops to torch after a single pair), then stops once one is clearly
+    (clear_ratio x) faster or budget_s has passed, or after max_reps pairs."""
     first(), second()  # warm-up
     a, b = [], []
     clock = time.perf_counter
@@ -175,7 +180,7 @@ def time_pair(
             fn()
             out.append(clock() - t0)
         ma, mb = statistics.median(a), statistics.median(b)
-        if max(ma, mb) > clear_ratio * min(ma, mb) or (i + 1 >= min_reps and clock() - start > budget_s):
+        if i + 1 >= min_reps and (max(ma, mb) > clear_ratio * min(ma, mb) or clock() - start > budget_s):
             break
     return statistics.median(a) * 1e3, statistics.median(b) * 1e3
 
@@ -203,9 +208,11 @@ def time_op(op, kernel, fallback, args: tuple, kwargs: dict, budget_s: float = 0
     """(kernel ms, torch ms) of the op's call on (args, kwargs) with its kernel and with the torch op
     (op.kernel as it was afterwards). Lowered ops never write their inputs, so the captured inputs are used
     as they are (and an attention op's int8 K / V memo from the capture run is reused)."""
+    from .threadpool import pool_owns_threads
+
     saved = op.kernel if isinstance(op, FusedAttention) else None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), pool_owns_threads():
             return time_pair(_caller(op, kernel, args, kwargs), _caller(op, fallback, args, kwargs), budget_s)
     finally:
         if isinstance(op, FusedAttention):

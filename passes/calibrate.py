@@ -114,10 +114,10 @@ class NodeObserver(RangeObserver):
         dim = -1 if self.node.target in ir.LINEAR_TARGETS else 1
         ch = x.detach().abs().float().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
         self.channel_absmax = ch if self.channel_absmax is None else torch.maximum(self.channel_absmax, ch)
-        rows = qn.input_rows(self.node, x.detach(), self.weight).double()
-        if self.want_h:
-            self.h += rows.T @ rows
-        self.hdiag += rows.pow(2).sum(0)
+        rows = qn.input_rows(self.node, x.detach(), self.weight).float()
+        if self.want_h:   # float32 GEMM per batch (float64 ones took ~10 s of a Whisper compile), summed in f64
+            self.h += (rows.T @ rows).double()
+        self.hdiag += rows.pow(2).sum(0).double()
         self.rows += rows.shape[0]
         self.batches += 1
 

@@ -187,8 +187,8 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
              ("cross", DecoderCrossCache(model.decoder), [(a,) for a in cal.audio]),
              ("step", DecoderStep(model.decoder), step_cal)]
     if avg_bits is not None or options.get("budget_bytes") is not None:
-        enc, cross, step = compile_jointly(_joint_parts(model, cal, specs), avg_bits=avg_bits, target=target,
-                                           log=log, **options)
+        enc, cross, step = compile_jointly(_joint_parts(model, cal, specs, _encoder_batches(avg_bits)),
+                                           avg_bits=avg_bits, target=target, log=log, **options)
     else:
         common = dict(bits=bits if bits is not None or options.get("rules") else 8, target=target, **options)
         enc, cross, step = (fxquant.compile_lowbit(mod, batch_of_two(items[0]), calibration=items, **common)
@@ -197,7 +197,19 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
                            precision_key(bits, avg_bits), time.perf_counter() - start)
 
 
-def _joint_parts(model, cal: WhisperCalibration, specs) -> list:
+ANCHORED_ENCODER_BATCHES = 2   # calibration windows per encoder measurement under the anchored sweep
+
+
+def _encoder_batches(avg_bits: float | None) -> int | None:
+    """Windows an encoder candidate is measured on: 2 under the anchored sweep (budgets >= 4 bits; each
+    measurement re-runs the encoder below the layer and the fp32 decoder readout, half of a tiny.en avg 4
+    compile), the compile's max_batches (4) below, where every candidate is measured."""
+    from fxquant.sensitivity_estimate import ANCHORED_MIN_BITS
+
+    return ANCHORED_ENCODER_BATCHES if avg_bits is not None and avg_bits >= ANCHORED_MIN_BITS else None
+
+
+def _joint_parts(model, cal: WhisperCalibration, specs, encoder_batches: int | None = None) -> list:
     """PartSpecs whose readouts turn each part's output into teacher-forced fp32 decoder logits."""
     from .joint import PartSpec
 
@@ -207,7 +219,8 @@ def _joint_parts(model, cal: WhisperCalibration, specs) -> list:
     readouts = {"encoder": lambda out, i: logits(cal.tokens[i], model.decoder.cross_cache(out)),
                 "cross": lambda out, i: logits(cal.tokens[i], out),
                 "step": lambda out, i: out[0]}
-    return [PartSpec(name, mod, batch_of_two(items[0]), items, readouts[name]) for name, mod, items in specs]
+    return [PartSpec(name, mod, batch_of_two(items[0]), items, readouts[name],
+                     encoder_batches if name == "encoder" else None) for name, mod, items in specs]
 
 
 def batch_of_two(example: tuple) -> tuple:
@@ -232,7 +245,7 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
     if avg_bits is not None and avg_bits >= ANCHORED_MIN_BITS:   # compiled with the anchored sweep since
-        key_src += "|sweep=anchors"                             # it became the default there
+        key_src += f"|sweep=anchors,encoder_batches={ANCHORED_ENCODER_BATCHES}"   # the default there
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = Path(cache) if cache else Path(cache_dir()) / "whisper"
     folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"

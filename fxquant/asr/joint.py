@@ -45,6 +45,7 @@ class PartSpec:
     example: tuple
     calibration: list[tuple]
     readout: Callable[[Any, int], Any]      # (outputs, calibration index) -> logits
+    max_batches: int | None = None          # calibration items per sensitivity measurement (None: the compile's)
 
 
 def _finish_pipeline(target: str) -> str:
@@ -73,7 +74,8 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         cfg = dict(config, sensitivity_readout=spec.readout)
         ctx = PassContext(example_inputs=spec.example, calibration=spec.calibration, config=cfg,
                           progress=sys.stderr.isatty(), model=spec.module)
-        analysis = f"{ANALYSIS}{{max_batches={max_batches},measure={measure}}}"
+        batches = min(spec.max_batches, max_batches) if spec.max_batches else max_batches
+        analysis = f"{ANALYSIS}{{max_batches={batches},measure={measure}}}"
         if awq:
             analysis = analysis.replace(",sensitivity", ",awq-scale,sensitivity")
         pm = PassManager(analysis)

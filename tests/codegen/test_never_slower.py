@@ -11,7 +11,7 @@ from torch import nn
 
 import fxquant
 from fxquant.codegen import Float32Fallback, attach
-from fxquant.codegen.never_slower import decide, slower_kernel
+from fxquant.codegen.never_slower import decide, slower_kernel, time_pair
 from fxquant.ops import FusedAttention, LowbitLinear
 from fxquant.qweight import dequantize
 
@@ -155,3 +155,20 @@ def test_never_slower_false_keeps_every_kernel(slow_layer):
         for op in _ops(cm).values()
     )
     assert not any("kernel_choice" in vars(op) for op in _ops(cm).values())
+
+
+def test_one_preempted_call_does_not_decide():
+    """The first timed call of the faster callable stalls (as when another process takes its core): the
+    medians over the minimum number of pairs still rank the two correctly."""
+    calls = {"n": 0}
+
+    def usually_fast():
+        calls["n"] += 1
+        time.sleep(0.02 if calls["n"] == 2 else 0.0)    # call 1 is the warm-up, call 2 the first timed one
+
+    def steady():
+        time.sleep(0.002)
+
+    fast_ms, steady_ms = time_pair(usually_fast, steady, budget_s=0.0)
+    assert calls["n"] >= 4                                # warm-up + at least min_reps (3) timed calls
+    assert fast_ms < steady_ms

@@ -1,8 +1,10 @@
 """The fxquant command line: subcommands, exit codes, errors on stderr."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,15 @@ def test_compile_bcresnet_without_shared_exits_2(monkeypatch, tmp_path, capsys):
     assert main(["compile", "bcresnet"]) == 2
     err = capsys.readouterr().err
     assert "FXQUANT_SHARED" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "0"), ("7", "7")])
+def test_cli_makes_openmp_workers_sleep_unless_the_user_chose(preset, expected):
+    """The CLI sets GOMP_SPINCOUNT=0 before torch loads (torch's workers then sleep at barriers instead of
+    spinning while their partner has lost its core); a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = "import sys, fxquant.cli, os; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "True"]

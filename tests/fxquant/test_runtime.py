@@ -70,3 +70,35 @@ def test_summary_counts_packed_bytes(compiled):
     assert s["fp32_bytes"] == fp32
     assert s["avg_weight_bits"] == 4.0
     assert s["model_bytes"] < fp32 / 5  # 4-bit codes + per-group scales + fp32 biases
+
+
+def test_kernel_backed_forward_runs_torch_on_one_thread(compiled):
+    """A module whose weights live in C kernels runs torch's glue ops on one thread inside its forward (no
+    OpenMP worker to wait on a busy machine); the kernels keep the caller's thread count."""
+    from fxquant.codegen import threadpool
+
+    _, cm = compiled
+    assert cm.kernels_own_threads()
+    seen = []
+    inner = cm.graph_module.forward
+
+    def spy(*args):
+        seen.append((torch.get_num_threads(), threadpool.num_threads()))
+        return inner(*args)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    cm.graph_module.forward = spy
+    try:
+        cm(torch.randn(2, 96))
+    finally:
+        del cm.graph_module.forward
+        torch.set_num_threads(old)
+    assert seen == [(1, 2)]
+    assert torch.get_num_threads() == old
+
+
+def test_reference_path_module_keeps_torch_threads():
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    cm = fxquant.compile_lowbit(model, (torch.randn(2, 32),), bits=8, target="reference")
+    assert not cm.kernels_own_threads()

@@ -46,7 +46,7 @@ def test_conv_rows_are_im2col_patches():
     s = stats_of(gm, torch.ops.aten.conv2d.default)
     rows = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27).double()
     assert s["H"].shape == (27, 27) and s["rows"] == rows.shape[0]
-    assert torch.allclose(s["H"], rows.T @ rows / rows.shape[0], atol=1e-9)
+    assert torch.allclose(s["H"], rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-6)  # float32 GEMMs
     assert s["channel_absmax"].shape == (3,)
 
 

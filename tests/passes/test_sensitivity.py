@@ -119,3 +119,21 @@ def test_measurement_never_writes_the_models_weights():
     fxquant.compile_lowbit(model, (torch.randn(8, 16),), avg_bits=3.0, target="reference")
     assert [p._version for p in model.parameters()] == versions
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_large_weights_get_their_proxy_from_a_row_sample(monkeypatch):
+    """Above PROXY_SAMPLE_PARAMS the proxy quantizes every s-th row only (never the whole weight) and
+    scales by s: close to the full proxy for row-wise formats."""
+    import fxquant.passes.sensitivity as sens
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256))
+    x = torch.randn(32, 64)
+    gm, _ = compiled(model, x, {"avg_bits": 4}, passes="calibrate")
+    node = next(n for n in gm.graph.nodes if ir.is_quantizable(n))
+    cand = ir.QuantDecision(weight_bits=3, scheme="codebook", granularity="channel")
+    full = sens.candidate_proxy(gm, node, cand)
+    monkeypatch.setattr(sens, "PROXY_SAMPLE_PARAMS", 1024)            # 16384 params: every 16th row
+    monkeypatch.setattr(sens, "fake_quant", lambda *a, **k: pytest.fail("quantized the whole weight"))
+    sampled = sens.candidate_proxy(gm, node, cand)
+    assert sampled != full and abs(sampled / full - 1) < 0.3
