@@ -115,7 +115,7 @@ class NodeObserver(RangeObserver):
         ch = x.detach().abs().float().transpose(dim, -1).reshape(-1, x.shape[dim]).amax(0)
         self.channel_absmax = ch if self.channel_absmax is None else torch.maximum(self.channel_absmax, ch)
         rows = qn.input_rows(self.node, x.detach(), self.weight).float()
-        if self.want_h:   # float32 GEMM per batch (float64 ones took ~10 s of a Whisper compile), summed in f64
+        if self.want_h:   # float32 GEMMs (float64 ones took ~10 s of a Whisper compile), summed in float64
             self.h += (rows.T @ rows).double()
         self.hdiag += rows.pow(2).sum(0).double()
         self.rows += rows.shape[0]
