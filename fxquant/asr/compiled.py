@@ -158,18 +158,17 @@ def _check_destination(directory: Path) -> None:
                             f"new folder")
 
 
-def centers_token_table(bits: int | None, avg_bits: float | None) -> bool:
-    """Compiles below 8 bits a weight quantize a centered token table (`centered_token_table`)."""
-    return avg_bits is not None or (bits is not None and bits < 8)
-
-
 def centered_token_table(model):
     """A copy of a Whisper whose tied token table W is stored centered, W - mu (mu = its mean row), with mu
     folded into the decoder's positional embedding: token embeddings are unchanged and every logit moves by
     one constant per position (h . mu), which softmax, argmax, log-probabilities and the no-speech probability
-    ignore (fxquant.quantizers.equalize). In tiny.en mu holds 83 % of the table's energy; measured with the
-    table alone at 3-bit codebooks (60 LJ Speech clips, benchmarks/STUDY-whisper-3bit.md): 4.77 % -> 4.11 %
-    WER (fp32 3.55 %); a whole 3.19-bit recipe 9.91 % -> 7.76 %. The caller's model is not modified.
+    ignore (fxquant.quantizers.equalize). The caller's model is not modified. `compile_whisper(center_table=True)`.
+
+    Off by default: in tiny.en mu holds 83 % of the table's energy, and with fake-quantized weights and fp32
+    activations centering helped (60 LJ Speech clips, benchmarks/STUDY-whisper-3bit.md: table alone at 3-bit
+    codebooks 4.77 % -> 4.11 % WER, a whole 3.19-bit recipe 9.91 % -> 7.76 %), but through the compiler (int8
+    activations, the same per-layer decisions) it measured worse on all 186 clips: avg 4 bits 3.89 % -> 4.14 %,
+    avg 3 bits 13.0 % -> 36.4 %. Not yet explained (issue 11).
 
     Example:
         >>> from fxquant.models.whisper import whisper_random
@@ -193,12 +192,13 @@ def centered_token_table(model):
 
 def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None,
                     calibration_waves: list[torch.Tensor] | None = None, target: str = "native",
-                    log=None, **options: Any) -> CompiledWhisper:
+                    log=None, center_table: bool = False, **options: Any) -> CompiledWhisper:
     """Compile the encoder, cross cache and decoder step of a WhisperCheckpoint at one precision.
 
     `bits` / `avg_bits` and `options` are compile_lowbit's (rules by module name inside each part:
     "blocks.0.mlp.0" in the encoder, "decoder.blocks.0.attn.query" in the step and cross cache).
-    `log` (e.g. print) receives one line per compile phase with its time.
+    `log` (e.g. print) receives one line per compile phase with its time. `center_table`: quantize the
+    centered token table (`centered_token_table`; off by default, see there).
     """
     import fxquant
     from fxquant.models.whisper import DecoderCrossCache, DecoderStep
@@ -208,7 +208,7 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
     from .joint import compile_jointly          # torch.export and the pass manager: only when compiling
 
     start = time.perf_counter()
-    model = centered_token_table(ckpt.model) if centers_token_table(bits, avg_bits) else ckpt.model
+    model = centered_token_table(ckpt.model) if center_table else ckpt.model
     tokenizer_file = ckpt.directory / "tokenizer.json"
     tok = WhisperTokenizer.from_file(tokenizer_file)
     log = log or (lambda *a: None)
@@ -277,8 +277,6 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     recipe = calibration_recipe()
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
-    if centers_token_table(bits, avg_bits):                      # token table centered since 2026-11-27
-        key_src += "|centered-table"
     if avg_bits is not None and avg_bits >= ANCHORED_MIN_BITS:   # compiled with the anchored sweep since
         key_src += f"|sweep=anchors,encoder_batches={ANCHORED_ENCODER_BATCHES}"   # the default there
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

@@ -1,9 +1,10 @@
-"""The centered token table (compiles below 8 bits): same token choices and probabilities, caller's model intact."""
+"""The centered token table (compile_whisper(center_table=True)): same token choices and probabilities, caller's
+model intact."""
 from __future__ import annotations
 
 import torch
 
-from fxquant.asr.compiled import centered_token_table, centers_token_table
+from fxquant.asr.compiled import centered_token_table
 from fxquant.models.whisper import whisper_random
 
 from .conftest import SMALL
@@ -29,7 +30,3 @@ def test_centered_table_keeps_the_distributions_and_the_original_model():
     shift = outs[0] - outs[1]                                        # one constant per position
     assert (shift - shift[..., :1]).abs().max() < 1e-3 and shift.abs().max() > 1e-2
 
-
-def test_only_low_bit_compiles_center():
-    assert centers_token_table(None, 4.0) and centers_token_table(4, None) and centers_token_table(None, 3)
-    assert not centers_token_table(8, None) and not centers_token_table(None, None)
