@@ -81,6 +81,30 @@ class ModelParts:
         return torch.zeros(batch, self.n_layer, 2, self.n_head, self.n_text_ctx, self.n_state // self.n_head)
 
 
+MIN_LOOP_REPEATS = 4   # a tail of at least this many copies of one n-gram is a repetition loop
+
+
+def loop_start(tokens: Sequence[int], max_ngram: int = 8) -> int | None:
+    """Where a trailing repetition loop should be cut (after its first copy), or None: a tail that repeats
+    one n-gram (n <= max_ngram) at least MIN_LOOP_REPEATS times, a partial last copy included.
+
+    Example:
+        >>> loop_start([5, 6, 7, 1, 1, 1, 1, 1])
+        4
+        >>> loop_start([5, 8, 9, 8, 9, 8, 9, 8, 9, 8]), loop_start([1, 2, 3, 4])
+        (3, None)
+    """
+    tokens = list(tokens)
+    best = None
+    for n in range(1, max_ngram + 1):
+        start = len(tokens) - n                  # the tail from `start` on has period n
+        while start > 0 and tokens[start - 1] == tokens[start - 1 + n]:
+            start -= 1
+        if start >= 0 and len(tokens) - start >= MIN_LOOP_REPEATS * n and (best is None or start + n < best):
+            best = start + n
+    return best
+
+
 def compression_ratio(text: str) -> float:
     """len(utf-8 bytes) / len(zlib-compressed bytes): high for repetition loops (openai-whisper's measure)."""
     data = text.encode("utf-8")

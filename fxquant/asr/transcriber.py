@@ -22,7 +22,7 @@ import torch
 from fxquant.memory import trim_heap
 
 from .decoding import (DecodeOptions, DecodeResult, ModelParts, batched, compression_ratio, decode_windows,
-                       kernel_thread_policy)
+                       kernel_thread_policy, loop_start)
 
 __all__ = ["TranscribeOptions", "Transcript", "Transcriber", "split_windows"]
 
@@ -128,6 +128,7 @@ class Transcriber:
         audio = torch.cat([self.parts.encoder(m) for m in mels.split(max(1, o.encoder_batch))])
         trim_heap()                       # the encoder's freed activations back to the OS before the decode
         final: list[DecodeResult | None] = [None] * mels.shape[0]
+        attempts: list[list[DecodeResult]] = [[] for _ in range(mels.shape[0])]
         todo = list(range(mels.shape[0]))
         for t in o.temperatures:
             opts = DecodeOptions(temperature=t, best_of=o.best_of, language=o.language, max_tokens=o.max_tokens)
@@ -135,14 +136,32 @@ class Transcriber:
             retry = []
             for idx, r in zip(todo, got):
                 final[idx] = r
+                attempts[idx].append(r)
                 if self._silent(r):
                     r.text, r.tokens = "", []
-                elif self._needs_fallback(r) and t != o.temperatures[-1]:
-                    retry.append(idx)
+                elif self._needs_fallback(r):
+                    if t == o.temperatures[-1]:
+                        final[idx] = self._last_resort(attempts[idx])
+                    else:
+                        retry.append(idx)
             todo = retry
             if not todo:
                 break
         return final  # type: ignore[return-value]
+
+    def _last_resort(self, attempts: list[DecodeResult]) -> DecodeResult:
+        """Every temperature failed: of the attempts that pass the compression-ratio rule (all, if none does),
+        the one with the best average log-probability, its trailing repetition loop cut after the first copy
+        (`decoding.loop_start`).
+        openai-whisper keeps the last attempt as it is; measured on tiny.en avg 3 bits with a centered token
+        table, 5 of 186 LJ Speech clips ended in loops ("a a a a ...") worth 819 word errors."""
+        best = min(attempts, key=lambda r: (compression_ratio(r.text) > self.options.compression_ratio_threshold,
+                                            -r.avg_logprob))
+        cut = loop_start(best.tokens)
+        if cut is None:
+            return best
+        tokens = best.tokens[:cut]
+        return dataclasses.replace(best, tokens=tokens, text=self.tokenizer.decode(tokens))
 
     def _needs_fallback(self, r: DecodeResult) -> bool:
         o = self.options

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.asr.decoding import ModelParts
+from fxquant.asr.decoding import DecodeResult, ModelParts, compression_ratio
 from fxquant.asr.transcriber import TranscribeOptions, Transcriber, split_windows
 from fxquant.textnorm import normalize_english
 
@@ -48,7 +48,7 @@ def test_fallback_retries_unlikely_windows(small_ckpt, tokenizer):
     opts = TranscribeOptions(temperatures=(0.0, 0.5, 1.0), best_of=2, max_tokens=6, no_speech_threshold=1.1)
     t = Transcriber(ModelParts.from_model(small_ckpt.model), tokenizer, opts)
     out = t.transcribe_audio([torch.randn(16000) * 0.1])
-    assert out[0].temperatures == [1.0]         # every temperature failed; the last one is kept
+    assert len(out[0].temperatures) == 1 and out[0].temperatures[0] in opts.temperatures   # one kept attempt
     again = t.transcribe_audio([torch.randn(16000) * 0.1])
     assert len(again[0].windows) == 1
 
@@ -86,3 +86,23 @@ def test_progress_counts_finished_files(small_ckpt, tokenizer):
     t.transcribe_audio([torch.randn(16000) * 0.1, torch.randn(40 * 16000) * 0.1, torch.randn(8000) * 0.1],
                        progress=seen.append)
     assert seen == [1, 3]          # windows: file 0 | file 1 (2 windows) | file 2 -> batches of 2
+
+
+def test_last_resort_keeps_the_likeliest_attempt_and_cuts_its_loop(tokenizer):
+    """All temperatures failed: an attempt that passes the compression rule wins; among loops, the likeliest,
+    cut after the first copy of its repeated n-gram."""
+    t = Transcriber(ModelParts(None, None, None, 1, 1, 1, 1), tokenizer, TranscribeOptions())
+
+    def attempt(text_tokens, avg, temp):
+        return DecodeResult(tokens=text_tokens, sum_logprob=avg * (len(text_tokens) + 1), no_speech_prob=0.0,
+                            temperature=temp, text=tokenizer.decode(text_tokens))
+
+    head = tokenizer.encode(" It was a bright cold day")
+    the_loop = attempt(head + tokenizer.encode(" the") * 30, -0.2, 0.0)
+    a_loop = attempt(head + tokenizer.encode(" a b") * 20, -0.5, 0.6)
+    assert all(compression_ratio(r.text) > 2.4 for r in (the_loop, a_loop))
+    kept = t._last_resort([a_loop, the_loop])
+    assert kept.temperature == 0.0 and kept.tokens == head + tokenizer.encode(" the")
+    assert kept.text == " It was a bright cold day the"
+    unlikely = attempt(head, -1.5, 1.0)                       # fails only the log-probability rule
+    assert t._last_resort([the_loop, a_loop, unlikely]) is unlikely
