@@ -44,6 +44,8 @@ from torch import fx
 from fxquant.ops import EPILOGUES, FusedAttention, LowbitConv, LowbitLinear
 from fxquant.qweight import dequantize
 
+from .threadpool import pool_owns_threads
+
 REL_MARGIN = 1.10  # the kernel must take > 1.1x the fp32 op ...
 ABS_MARGIN_MS = 0.005  # ... and > 5 us more per call to be replaced
 TORCH_CHOICE = "torch"
@@ -208,8 +210,6 @@ def time_op(op, kernel, fallback, args: tuple, kwargs: dict, budget_s: float = 0
     """(kernel ms, torch ms) of the op's call on (args, kwargs) with its kernel and with the torch op
     (op.kernel as it was afterwards). Lowered ops never write their inputs, so the captured inputs are used
     as they are (and an attention op's int8 K / V memo from the capture run is reused)."""
-    from .threadpool import pool_owns_threads
-
     saved = op.kernel if isinstance(op, FusedAttention) else None
     try:
         with torch.inference_mode(), pool_owns_threads():

@@ -59,6 +59,21 @@ def _lloyd(sorted_x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor, torch
     return c, (sq - 2 * cd * num + cd * cd * den).sum(-1).clamp(min=0)
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """k-means runs many small ops: on one thread it is as fast as on two (tiny.en's token table at 4 bits:
+    5.2 s vs 5.7 s) and cannot stall on OpenMP workers that lost their core (51 s with one core busy).
+    Wraps every k-means (`weighted_kmeans`: per-row codebooks, shared tables, GPTQ's group fits) and
+    quantize_groups' nearest-code pass."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@_one_torch_thread()
 def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor | None, k: int, iters: int = 15) -> torch.Tensor:
     """Sorted centroids [R, k] of the 1-D points of each row of x [R, P] (weights [R, P] or [P]).
 
@@ -102,18 +117,6 @@ def fit(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None, iters: i
     if not 2 <= bits <= 8:
         raise ValueError(f"codebook bits must be in 2..8, got {bits}")
     return to_int8(weighted_kmeans(w, weight, 1 << bits, iters))
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """k-means runs many small ops: on one thread it is as fast as on two (tiny.en's token table at 4 bits:
-    5.2 s vs 5.7 s) and cannot stall on OpenMP workers that lost their core (51 s with one core busy)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None,
