@@ -3,8 +3,8 @@
 For every quantizable node, meta[ir.ACT_STATS] gets the statistics of its *input* activation:
     min, max, absmax (floats), percentile (of |x|, `pct` e.g. 99.99, from a bounded 2048-bin histogram),
     channel_absmax (tensor [C_in]), rows (number of input rows seen), batches,
-    hdiag (float64 [K], E[x_k^2]) and H (float64 [K, K], E[x x^T] over rows; None when K > max_h_dim
-    or for grouped convs), where rows are the vectors the flattened weight multiplies (im2col
+    hdiag (float64 [K], E[x_k^2]) and H (float64 [K, K], E[x x^T] over rows; None when K > max_h_dim,
+    for grouped convs, or with option full_h=False), where rows are the vectors the flattened weight multiplies (im2col
     patches for convs). H is accumulated, never the activations, so memory is O(K^2) per node.
 Placeholders and the nodes feeding the output get min/max/absmax/percentile of their *output* in
 CalibrationData.io_stats[placeholder name or "output:<i>"] (also in meta[ACT_STATS] when the node has
@@ -42,6 +42,8 @@ class CalibrateOptions:
     max_batches: int = 0          # 0 = use every calibration item
     percentile: float = 99.99     # percentile of |x| recorded (for static activation scales)
     max_h_dim: int = 4096         # above this K only diag(H) is kept
+    full_h: bool = True           # False: only diag(H), when nothing reads H (GPTQ rounding, awq-scale do);
+    # the [K, K] GEMMs were a third of calibrating Whisper tiny.en's encoder (mlp.2: K = 1536, 1500 rows a window)
     sample_numel: int = 1 << 18   # elements of the first batch's input kept per node for SQNR checks
 
 
@@ -97,12 +99,12 @@ class RangeObserver:
 class NodeObserver(RangeObserver):
     """RangeObserver plus per-channel absmax and the running second moments of the weight's input rows."""
 
-    def __init__(self, node: fx.Node, weight: torch.Tensor, max_h_dim: int):
+    def __init__(self, node: fx.Node, weight: torch.Tensor, max_h_dim: int, full_h: bool = True):
         super().__init__()
         self.node, self.weight = node, weight
         self.k = weight[0].numel()
         grouped = node.target not in ir.LINEAR_TARGETS and qn.conv_args(node)[3] > 1
-        self.want_h = self.k <= max_h_dim and not grouped
+        self.want_h = full_h and self.k <= max_h_dim and not grouped
         self.h = torch.zeros(self.k, self.k, dtype=torch.float64) if self.want_h else None
         self.hdiag = torch.zeros(self.k, dtype=torch.float64)
         self.rows = 0
@@ -161,7 +163,7 @@ def calibrate(gm: fx.GraphModule, ctx) -> PassResult:
     observers = {}
     for node in gm.graph.nodes:
         if ir.is_quantizable(node):
-            observers[node.name] = NodeObserver(node, ir.node_weight(gm, node), opts.max_h_dim)
+            observers[node.name] = NodeObserver(node, ir.node_weight(gm, node), opts.max_h_dim, opts.full_h)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     io_nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
     io_nodes += [a for a in out_node.all_input_nodes]

@@ -9,6 +9,10 @@ model's single output looks like log-probabilities (logsumexp == 0 along the las
 Config key `sensitivity_readout` (a callable (outputs, calibration index) -> logits) measures the
 error downstream instead: e.g. a Whisper encoder's candidates scored by the KL of the next-token
 distribution of the fp32 decoder run on the changed audio features ("kl" under "auto").
+Config key `sensitivity_inputs` (a list of input tuples) gives the measurements their own inputs
+instead of the first max_batches calibration items (the readout's index then counts into them): e.g. one
+30 s window packed with several calibration clips, which carries more speech than two padded windows
+at half the cost.
 
 Example:
     >>> import torch, fxquant.tracing as c
@@ -198,7 +202,8 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
         ctx.analyses.set(SensitivityTable())
         return PassResult(changed=False, message="skipped: no avg_bits / budget_bytes budget")
     groups = [g for g in plan(gm, config) if g.pinned is None]
-    batches = calibration_batches(ctx, opts.max_batches)
+    own = config.get("sensitivity_inputs")
+    batches = [tuple(b) for b in own][:opts.max_batches] if own else calibration_batches(ctx, opts.max_batches)
     by_name = {n.name: n for n in gm.graph.nodes}
     table = SensitivityTable()
     readout = config.get("sensitivity_readout") or (lambda out, i: out)

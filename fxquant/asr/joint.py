@@ -46,6 +46,7 @@ class PartSpec:
     calibration: list[tuple]
     readout: Callable[[Any, int], Any]      # (outputs, calibration index) -> logits
     max_batches: int | None = None          # calibration items per sensitivity measurement (None: the compile's)
+    sensitivity_inputs: list[tuple] | None = None   # measure on these instead of the first calibration items
 
 
 def _finish_pipeline(target: str) -> str:
@@ -72,12 +73,16 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         start = time.perf_counter()
         gm = capture(spec.module, spec.example)
         cfg = dict(config, sensitivity_readout=spec.readout)
+        if spec.sensitivity_inputs:
+            cfg["sensitivity_inputs"] = spec.sensitivity_inputs
         ctx = PassContext(example_inputs=spec.example, calibration=spec.calibration, config=cfg,
                           progress=sys.stderr.isatty(), model=spec.module)
         batches = min(spec.max_batches, max_batches) if spec.max_batches else max_batches
         analysis = f"{ANALYSIS}{{max_batches={batches},measure={measure}}}"
         if awq:
             analysis = analysis.replace(",sensitivity", ",awq-scale,sensitivity")
+        elif not _reads_full_h(config):
+            analysis = analysis.replace(",calibrate,", ",calibrate{full_h=False},")
         pm = PassManager(analysis)
         with eval_mode(spec.module):
             gm = pm.run(gm, ctx)
@@ -90,6 +95,7 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
     for (spec, gm, ctx, pm), chosen in zip(states, decisions):
         ctx.config = dict(ctx.config, decisions=chosen)
         ctx.config.pop("sensitivity_readout", None)
+        ctx.config.pop("sensitivity_inputs", None)
         finish = PassManager(_finish_pipeline(target))
         start = time.perf_counter()
         with eval_mode(spec.module):
@@ -99,6 +105,15 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
                                   timings=pm.timings + finish.timings, config=ctx.config, name=spec.name,
                                   fp32_bytes=tensor_bytes(spec.module), example_inputs=spec.example))
     return out
+
+
+def _reads_full_h(config: dict) -> bool:
+    """Whether any pass after calibrate reads the full second moments H: GPTQ rounding (option gptq or a
+    rule's rounding), or awq-scale (the awq argument, handled by the caller)."""
+    from fxquant.rules import parse_rules
+
+    return bool(config.get("gptq")) or any(r.value.get("rounding") == "gptq"
+                                           for r in parse_rules(config.get("rules")))
 
 
 def _solve_jointly(states, mode: str, budget: float, label: str) -> list[dict[str, ir.QuantDecision]]:

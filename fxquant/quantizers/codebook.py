@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -22,7 +23,8 @@ import torch
 
 from . import Grid, nearest_codes
 
-CHUNK_ELEMENTS = 1 << 16  # weights per k-means chunk: rows are independent, chunks bound memory and stay in cache
+CHUNK_ELEMENTS = 1 << 18  # weights per k-means chunk: rows are independent, chunks bound memory; large enough
+# that two Python threads overlap (tiny.en's token table at 4 bits: 3.3 s on one thread, 1.6 s on two)
 
 
 INIT_MIXES = (1.0, 0.65, 0.5, 0.35)
@@ -50,7 +52,9 @@ def _lloyd(sorted_x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor, torch
 
     for _ in range(iters):
         den, num, _ = cluster_sums(c)
-        new = torch.where(den > 0, (num / den.clamp(min=1e-300)).float(), c).sort(-1).values.contiguous()
+        new = torch.where(den > 0, (num / den.clamp(min=1e-300)).float(), c)
+        if not bool((new[:, 1:] >= new[:, :-1]).all()):   # only an empty cluster can break the order
+            new = new.sort(-1).values.contiguous()
         if torch.equal(new, c):      # a fixed point: further steps would not move any centroid
             break
         c = new
@@ -60,15 +64,16 @@ def _lloyd(sorted_x: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor, torch
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """k-means runs many small ops: on one thread it is as fast as on two (tiny.en's token table at 4 bits:
-    5.2 s vs 5.7 s) and cannot stall on OpenMP workers that lost their core (51 s with one core busy).
-    Wraps every k-means (`weighted_kmeans`: per-row codebooks, shared tables, GPTQ's group fits) and
-    quantize_groups' nearest-code pass."""
+def _one_torch_thread() -> Iterator[int]:
+    """k-means runs many small ops: on one torch thread it is as fast as on two (tiny.en's token table at
+    4 bits: 5.2 s vs 5.7 s) and cannot stall on OpenMP workers that lost their core (51 s with one core
+    busy). Wraps every k-means (`weighted_kmeans`: per-row codebooks, shared tables, GPTQ's group fits) and
+    quantize_groups, which runs its chunks on as many Python threads as torch had threads (yielded here):
+    torch releases the GIL inside each op, and a preempted thread only delays its own chunks."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield old
     finally:
         torch.set_num_threads(old)
 
@@ -80,6 +85,11 @@ def weighted_kmeans(x: torch.Tensor, weight: torch.Tensor | None, k: int, iters:
     Deterministic: Lloyd runs from a few inits that blend evenly spaced quantiles with an evenly
     spaced grid over [min, max] (INIT_MIXES = quantile share); the best run per row is kept.
     """
+    return _kmeans_rows(x, weight, k, iters)
+
+
+def _kmeans_rows(x: torch.Tensor, weight: torch.Tensor | None, k: int, iters: int) -> torch.Tensor:
+    """weighted_kmeans on the caller's torch threads (quantize_groups' workers run it on one each)."""
     x = x.float().contiguous()
     r, p = x.shape
     wt = torch.ones_like(x) if weight is None else weight.float().expand_as(x).clamp(min=0) + 1e-12
@@ -112,10 +122,14 @@ def to_int8(centroids: torch.Tensor) -> Grid:
     return Grid(scale.float(), levels, torch.full((centroids.shape[0],), -1, dtype=torch.long))
 
 
-def fit(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None, iters: int = 15) -> Grid:
-    """Codebook grid (2^bits int8 levels + scale) for each row of w [R, P]."""
+def _check_bits(bits: int) -> None:
     if not 2 <= bits <= 8:
         raise ValueError(f"codebook bits must be in 2..8, got {bits}")
+
+
+def fit(w: torch.Tensor, bits: int, weight: torch.Tensor | None = None, iters: int = 15) -> Grid:
+    """Codebook grid (2^bits int8 levels + scale) for each row of w [R, P]."""
+    _check_bits(bits)
     return to_int8(weighted_kmeans(w, weight, 1 << bits, iters))
 
 
@@ -133,22 +147,30 @@ def quantize_groups(w: torch.Tensor, bits: int, weight: torch.Tensor | None = No
     """
     if w.dim() != 3:
         raise ValueError(f"quantize_groups expects w [R, G, P], got shape {tuple(w.shape)}")
+    _check_bits(bits)
     rows, groups, size = w.shape
     w = w.float()
     step = max(1, CHUNK_ELEMENTS // max(groups * size, 1))
     codes = torch.empty(rows, groups, size, dtype=torch.uint8)
-    parts = []
-    with _one_torch_thread():
-        for r0 in range(0, rows, step):
-            x = w[r0:r0 + step].reshape(-1, size)
-            wt = None
-            if weight is not None:
-                wt = weight.float()
-                wt = (wt if wt.shape[0] == 1 else wt[r0:r0 + step]).expand(x.shape[0] // groups, groups, size)
-                wt = wt.reshape(-1, size)
-            grid = fit(x, bits, wt, iters)
-            codes[r0:r0 + step] = nearest_codes(x, grid).view(-1, groups, size)
-            parts.append(grid)
+
+    def chunk(r0: int) -> Grid:
+        x = w[r0:r0 + step].reshape(-1, size)
+        wt = None
+        if weight is not None:
+            wt = weight.float()
+            wt = (wt if wt.shape[0] == 1 else wt[r0:r0 + step]).expand(x.shape[0] // groups, groups, size)
+            wt = wt.reshape(-1, size)
+        grid = to_int8(_kmeans_rows(x, wt, 1 << bits, iters))
+        codes[r0:r0 + step] = nearest_codes(x, grid).view(-1, groups, size)
+        return grid
+
+    starts = range(0, rows, step)
+    with _one_torch_thread() as threads:
+        if threads > 1 and len(starts) > 1:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                parts = list(pool.map(chunk, starts))
+        else:
+            parts = [chunk(r0) for r0 in starts]
     grid = Grid(torch.cat([g.scale for g in parts]), torch.cat([g.levels for g in parts]),
                 torch.cat([g.table_id for g in parts]))
     return codes, grid

@@ -40,6 +40,17 @@ def test_linear_second_moments_accumulate_over_batches():
     assert ctx.analyses.cached(CalibrationData).samples["linear"].shape[-1] == 16
 
 
+def test_diag_only_when_nothing_reads_h():
+    batches = [(torch.randn(4, 5, 16),), (torch.randn(3, 5, 16) * 2,)]
+    model = torch.nn.Linear(16, 8)
+    full, _ = calibrated(model, batches)
+    gm = capture(model.eval(), batches[0])
+    diag = PassManager("calibrate{full_h=False}").run(gm, PassContext(example_inputs=batches[0], calibration=batches))
+    f, d = stats_of(full, torch.ops.aten.linear.default), stats_of(diag, torch.ops.aten.linear.default)
+    assert d["H"] is None and f["H"] is not None
+    assert torch.equal(d["hdiag"], f["hdiag"]) and d["rows"] == f["rows"] == 35
+
+
 def test_conv_rows_are_im2col_patches():
     x = torch.randn(2, 3, 8, 8)
     gm, _ = calibrated(torch.nn.Conv2d(3, 4, 3, padding=1, stride=2), [(x,)])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.asr.compiled import ANCHORED_ENCODER_BATCHES, _encoder_batches
-from fxquant.asr.joint import PartSpec, compile_jointly
+from fxquant.asr.compiled import PACK_GAP_SECONDS, PACK_SECONDS, _packed_sweep, pack_clips
+from fxquant.asr.joint import PartSpec, _reads_full_h, compile_jointly
 
 
 def _sensitivity_message(cm) -> str:
@@ -26,6 +26,56 @@ def test_each_part_measures_on_its_own_batch_count():
     assert "on 1 batches" in _sensitivity_message(capped)
 
 
-def test_whisper_encoder_is_measured_on_fewer_windows_only_under_the_anchored_sweep():
-    assert _encoder_batches(4.0) == _encoder_batches(6.0) == ANCHORED_ENCODER_BATCHES == 2
-    assert _encoder_batches(3.0) is None and _encoder_batches(None) is None
+def test_a_part_can_measure_on_its_own_inputs():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    items = [(torch.randn(4, 16),) for _ in range(3)]
+    own = [(torch.randn(7, 16),)]
+    seen = []
+    readout = lambda out, i: seen.append((out.shape[0], i)) or out      # noqa: E731
+    cm, = compile_jointly([PartSpec("own", mlp, items[0], items, readout, sensitivity_inputs=own)],
+                          avg_bits=4, target="reference", max_batches=4)
+    assert "on 1 batches" in _sensitivity_message(cm)
+    assert seen and set(seen) == {(7, 0)}          # every measurement ran on the 7-row input, index 0
+    assert "sensitivity_inputs" not in cm.config    # compile-time data is not kept in the module
+
+
+def test_whisper_encoder_is_measured_on_a_packed_window_only_under_the_anchored_sweep():
+    assert _packed_sweep(4.0) and _packed_sweep(6.0)
+    assert not _packed_sweep(3.0) and not _packed_sweep(None)
+
+
+def test_pack_clips_joins_whole_clips_with_gaps_up_to_the_limit():
+    sr = 16000
+    clips = [torch.full((sr * 9,), float(i + 1)) for i in range(4)]
+    packed = pack_clips(clips)
+    gap = int(PACK_GAP_SECONDS * sr)
+    assert packed.numel() == 3 * 9 * sr + 2 * gap <= PACK_SECONDS * sr      # the fourth clip does not fit
+    assert torch.equal(packed[:9 * sr], clips[0]) and not packed[9 * sr:9 * sr + gap].any()
+    assert torch.equal(packed[-9 * sr:], clips[2])
+    long = [torch.ones(sr * 40), torch.ones(sr)]
+    assert pack_clips(long).numel() == 40 * sr                             # a long first clip alone
+
+
+def test_full_second_moments_only_when_gptq_reads_them(monkeypatch):
+    import fxquant.passes.calibrate as calibrate
+
+    wanted = []
+    init = calibrate.NodeObserver.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        wanted.append(self.want_h)
+
+    monkeypatch.setattr(calibrate.NodeObserver, "__init__", spy)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    items = [(torch.randn(4, 16),) for _ in range(2)]
+    compile_jointly([PartSpec("p", mlp, items[0], items, lambda out, i: out)], avg_bits=4, target="reference")
+    assert wanted == [False, False]
+    compile_jointly([PartSpec("p", mlp, items[0], items, lambda out, i: out)], avg_bits=4, target="reference",
+                    gptq=True)
+    assert wanted[2:] == [True, True]
+    assert not _reads_full_h({"avg_bits": 4})
+    assert _reads_full_h({"gptq": True}) and _reads_full_h({"rules": {"op:linear": {"rounding": "gptq"}}})
+    assert not _reads_full_h({"rules": {"op:linear": {"bits": 8}}})
