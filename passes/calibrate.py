@@ -3,9 +3,10 @@
 For every quantizable node, meta[ir.ACT_STATS] gets the statistics of its *input* activation:
     min, max, absmax (floats), percentile (of |x|, `pct` e.g. 99.99, from a bounded 2048-bin histogram),
     channel_absmax (tensor [C_in]), rows (number of input rows seen), batches,
-    hdiag (float64 [K], E[x_k^2]) and H (float64 [K, K], E[x x^T] over rows; None when K > max_h_dim,
-    for grouped convs, or with option full_h=False), where rows are the vectors the flattened weight multiplies (im2col
-    patches for convs). H is accumulated, never the activations, so memory is O(K^2) per node.
+    hdiag (float64 [K], E[x_k^2]) and H (float64 [K, K], E[x x^T] over rows; None when
+    K > max_h_dim, for grouped convs, or with option full_h=False), where rows are the vectors the
+    flattened weight multiplies (im2col patches for convs). H is accumulated, never the activations,
+    so memory is O(K^2) per node.
 Placeholders and the nodes feeding the output get min/max/absmax/percentile of their *output* in
 CalibrationData.io_stats[placeholder name or "output:<i>"] (also in meta[ACT_STATS] when the node has
 no input stats): for io q/dq. CalibrationData.samples[node.name] keeps a small slice of the first
@@ -42,8 +43,9 @@ class CalibrateOptions:
     max_batches: int = 0          # 0 = use every calibration item
     percentile: float = 99.99     # percentile of |x| recorded (for static activation scales)
     max_h_dim: int = 4096         # above this K only diag(H) is kept
-    full_h: bool = True           # False: only diag(H), when nothing reads H (GPTQ rounding, awq-scale do);
-    # the [K, K] GEMMs were a third of calibrating Whisper tiny.en's encoder (mlp.2: K = 1536, 1500 rows a window)
+    full_h: bool = True           # False: only diag(H), when nothing reads H (GPTQ rounding and
+    # awq-scale do); the [K, K] GEMMs were a third of calibrating Whisper tiny.en's encoder (mlp.2:
+    # K = 1536, 1500 rows a window)
     sample_numel: int = 1 << 18   # elements of the first batch's input kept per node for SQNR checks
 
 

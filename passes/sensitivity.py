@@ -203,7 +203,10 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
         return PassResult(changed=False, message="skipped: no avg_bits / budget_bytes budget")
     groups = [g for g in plan(gm, config) if g.pinned is None]
     own = config.get("sensitivity_inputs")
-    batches = [tuple(b) for b in own][:opts.max_batches] if own else calibration_batches(ctx, opts.max_batches)
+    if own:
+        batches = [tuple(b) for b in own][:opts.max_batches]
+    else:
+        batches = calibration_batches(ctx, opts.max_batches)
     by_name = {n.name: n for n in gm.graph.nodes}
     table = SensitivityTable()
     readout = config.get("sensitivity_readout") or (lambda out, i: out)

@@ -45,7 +45,8 @@ def test_diag_only_when_nothing_reads_h():
     model = torch.nn.Linear(16, 8)
     full, _ = calibrated(model, batches)
     gm = capture(model.eval(), batches[0])
-    diag = PassManager("calibrate{full_h=False}").run(gm, PassContext(example_inputs=batches[0], calibration=batches))
+    ctx = PassContext(example_inputs=batches[0], calibration=batches)
+    diag = PassManager("calibrate{full_h=False}").run(gm, ctx)
     f, d = stats_of(full, torch.ops.aten.linear.default), stats_of(diag, torch.ops.aten.linear.default)
     assert d["H"] is None and f["H"] is not None
     assert torch.equal(d["hdiag"], f["hdiag"]) and d["rows"] == f["rows"] == 35

@@ -28,7 +28,9 @@ def test_fake_run_records_what_a_real_run_does(monkeypatch):
         RuntimeError("no fake kernel")))
     real = run(KeywordCNN(), (torch.randn(3, 1, 10, 10),), "propagate-shapes")     # falls back to a real run
     assert calls == [1]
-    key = lambda gm: {n.name: (n.meta[ir.SHAPE], n.meta[ir.DTYPE]) for n in gm.graph.nodes if n.op != "output"}  # noqa: E731
+    def key(gm):
+        return {n.name: (n.meta[ir.SHAPE], n.meta[ir.DTYPE]) for n in gm.graph.nodes if n.op != "output"}
+
     assert key(fake) == key(real) and key(real)["linear_1"] == ((3, 10), "float32")
 
 
