@@ -72,12 +72,19 @@ def _tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def output_error(ref: list[torch.Tensor], out: list[torch.Tensor], metric: str) -> float:
+def reference_logprobs(ref: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log p, p) of each reference output, for output_error's "kl" (computed once, not per candidate)."""
+    return [(lp, lp.exp()) for lp in (F.log_softmax(r, -1) for r in ref)]
+
+
+def output_error(ref: list, out: list[torch.Tensor], metric: str) -> float:
+    """Error of outputs against the fp32 reference: relative squared error ("mse") or mean KL ("kl"; ref may
+    hold reference_logprobs pairs)."""
     if metric == "kl":
         total = 0.0
         for r, o in zip(ref, out):
-            lp_r, lp_o = F.log_softmax(r, -1), F.log_softmax(o, -1)
-            total += (lp_r.exp() * (lp_r - lp_o)).sum(-1).mean().item()
+            lp_r, p_r = r if isinstance(r, tuple) else reference_logprobs([r])[0]
+            total += (p_r * (lp_r - F.log_softmax(o, -1))).sum(-1).mean().item()
         return total / max(len(ref), 1)
     num = sum((r - o).double().pow(2).sum().item() for r, o in zip(ref, out))
     den = sum(r.double().pow(2).sum().item() for r in ref)
@@ -218,6 +225,8 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
             refs.append(_tensors(readout(replay.run(*b), i)))
             envs.append(replay.env)
         metric = resolve_metric(opts.metric, refs[0], readout=config.get("sensitivity_readout") is not None)
+        if metric == "kl":
+            refs = [reference_logprobs(r) for r in refs]
         target = _target_bits(config, groups)
         anchored = opts.measure == "anchors" or (opts.measure == "auto" and target >= ANCHORED_MIN_BITS)
         total = sum(len(g.candidates) for g in groups)

@@ -137,3 +137,13 @@ def test_large_weights_get_their_proxy_from_a_row_sample(monkeypatch):
     monkeypatch.setattr(sens, "fake_quant", lambda *a, **k: pytest.fail("quantized the whole weight"))
     sampled = sens.candidate_proxy(gm, node, cand)
     assert sampled != full and abs(sampled / full - 1) < 0.3
+
+
+def test_kl_against_precomputed_reference_logprobs_is_the_same_number():
+    from fxquant.passes.sensitivity import output_error, reference_logprobs
+
+    torch.manual_seed(0)
+    ref, out = [torch.randn(3, 5, 11)], [torch.randn(3, 5, 11)]
+    direct = output_error(ref, out, "kl")
+    assert direct > 0 and output_error(reference_logprobs(ref), out, "kl") == direct
+    assert output_error(reference_logprobs(ref), ref, "kl") == pytest.approx(0.0, abs=1e-6)
