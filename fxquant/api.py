@@ -27,6 +27,7 @@ from .memory import trim_heap
 from .passmanager import PassManager
 from .pipeline import Pipeline
 from .registry import PassContext
+from .rules import asks_for_gptq
 from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes, unquantized_weight_warning
 
 HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
@@ -55,12 +56,15 @@ EXTRA_OPTIONS = {
 }
 
 
-def default_pipeline(target: str = "native") -> str:
-    """The pipeline compile_lowbit runs when `passes` is None."""
+def default_pipeline(target: str = "native", full_h: bool = True) -> str:
+    """The pipeline compile_lowbit runs when `passes` is None. full_h=False calibrates only diag(H):
+    compile_lowbit asks for that unless GPTQ rounding reads H (six Linear(4096, 4096) kept 805 MiB of
+    float64 H otherwise)."""
+    quantize = QUANTIZE if full_h else QUANTIZE.replace("calibrate,", "calibrate{full_h=False},", 1)
     if target == "reference":
-        return f"{HYGIENE},{QUANTIZE}"
+        return f"{HYGIENE},{quantize}"
     suffix = "codegen" if target == "native" else f"codegen{{target={target}}}"
-    return f"{HYGIENE},{QUANTIZE},{suffix}"
+    return f"{HYGIENE},{quantize},{suffix}"
 
 
 def compile_lowbit(
@@ -84,9 +88,6 @@ def compile_lowbit(
     _check_finite_weights(model)
     target = _fallback_target(target, options)
     dump_dir = dump_dir or os.environ.get("FXQUANT_DUMP") or None
-    pipeline = Pipeline.coerce(
-        passes if passes is not None else _with_fallback(default_pipeline(target), options)
-    )
     config = {
         "bits": bits,
         "avg_bits": avg_bits,
@@ -96,6 +97,10 @@ def compile_lowbit(
         "target": target,
         **options,
     }
+    pipeline = Pipeline.coerce(
+        passes if passes is not None
+        else _with_fallback(default_pipeline(target, full_h=asks_for_gptq(config)), options)
+    )
     calib = _materialize_calibration(calibration, options.get("max_calibration", 64))
     if submodules:
         result = _compile_submodules(model, example_inputs, submodules, calib, pipeline, config, dump_dir)

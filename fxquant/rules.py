@@ -268,3 +268,14 @@ def make_decision(spec: dict, config: dict, k: int, decided_by: str, where: str)
         decided_by=decided_by,
         **act,
     )
+
+
+def asks_for_gptq(config: dict) -> bool:
+    """Whether a compile's options ask for GPTQ rounding anywhere (option gptq, or a rule's rounding): the
+    only default-pipeline reader of the calibrated full second moments H (calibrate{full_h=False} otherwise).
+
+    >>> asks_for_gptq({"rules": {"op:linear": {"rounding": "gptq"}}}), asks_for_gptq({"bits": 4})
+    (True, False)
+    """
+    return bool(config.get("gptq")) or any(r.value.get("rounding") == "gptq"
+                                           for r in parse_rules(config.get("rules")))

@@ -25,6 +25,7 @@ from fxquant import ir
 from fxquant.errors import ConfigError
 from fxquant.passmanager import PassManager
 from fxquant.registry import PassContext
+from fxquant.rules import asks_for_gptq
 from fxquant.runtime import CompiledModule, tensor_bytes
 from fxquant.sensitivity import budget_mode, plan, solve
 from fxquant.tracing import capture, eval_mode
@@ -81,7 +82,7 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         analysis = f"{ANALYSIS}{{max_batches={batches},measure={measure}}}"
         if awq:
             analysis = analysis.replace(",sensitivity", ",awq-scale,sensitivity")
-        elif not _reads_full_h(config):
+        elif not asks_for_gptq(config):     # nothing reads the full H (awq-scale and GPTQ do)
             analysis = analysis.replace(",calibrate,", ",calibrate{full_h=False},")
         pm = PassManager(analysis)
         with eval_mode(spec.module):
@@ -105,15 +106,6 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
                                   timings=pm.timings + finish.timings, config=ctx.config, name=spec.name,
                                   fp32_bytes=tensor_bytes(spec.module), example_inputs=spec.example))
     return out
-
-
-def _reads_full_h(config: dict) -> bool:
-    """Whether any pass after calibrate reads the full second moments H: GPTQ rounding (option gptq or a
-    rule's rounding), or awq-scale (the awq argument, handled by the caller)."""
-    from fxquant.rules import parse_rules
-
-    return bool(config.get("gptq")) or any(r.value.get("rounding") == "gptq"
-                                           for r in parse_rules(config.get("rules")))
 
 
 def _solve_jointly(states, mode: str, budget: float, label: str) -> list[dict[str, ir.QuantDecision]]:

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
+import torch
+
 import fxquant
 from fxquant.pipeline import Pipeline, PassSpec
 from fxquant.registry import PassResult, register_pass, unregister_pass
@@ -80,3 +82,12 @@ def test_default_pipeline_text():
     )
     assert fxquant.default_pipeline("avx2").endswith("codegen{target=avx2}")
     assert "codegen" not in fxquant.default_pipeline("reference")
+    assert ",calibrate{full_h=False}," in fxquant.default_pipeline("native", full_h=False)
+
+
+def test_compile_lowbit_keeps_full_second_moments_only_for_gptq():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    plain = fxquant.compile_lowbit(model, (torch.randn(4, 16),), bits=4, target="reference")
+    gptq = fxquant.compile_lowbit(model, (torch.randn(4, 16),), bits=4, target="reference", gptq=True)
+    assert "calibrate{full_h=False}" in plain.pipeline and "full_h" not in gptq.pipeline

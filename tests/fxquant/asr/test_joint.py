@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from fxquant.asr.compiled import PACK_GAP_SECONDS, PACK_SECONDS, _packed_sweep, pack_clips
-from fxquant.asr.joint import PartSpec, _reads_full_h, compile_jointly
+from fxquant.asr.joint import PartSpec, compile_jointly
+from fxquant.rules import asks_for_gptq
 
 
 def _sensitivity_message(cm) -> str:
@@ -76,6 +77,6 @@ def test_full_second_moments_only_when_gptq_reads_them(monkeypatch):
     compile_jointly([PartSpec("p", mlp, items[0], items, lambda out, i: out)], avg_bits=4, target="reference",
                     gptq=True)
     assert wanted[2:] == [True, True]
-    assert not _reads_full_h({"avg_bits": 4})
-    assert _reads_full_h({"gptq": True}) and _reads_full_h({"rules": {"op:linear": {"rounding": "gptq"}}})
-    assert not _reads_full_h({"rules": {"op:linear": {"bits": 8}}})
+    assert not asks_for_gptq({"avg_bits": 4})
+    assert asks_for_gptq({"gptq": True}) and asks_for_gptq({"rules": {"op:linear": {"rounding": "gptq"}}})
+    assert not asks_for_gptq({"rules": {"op:linear": {"bits": 8}}})
