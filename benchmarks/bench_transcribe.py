@@ -78,24 +78,27 @@ for i in range(0, len(todo), batch):
 '''
 
 
-# runs the command as its child and reports the child's peak resident memory (ru_maxrss, KiB on Linux)
+# runs the command as its child and reports the child's peak resident memory (ru_maxrss, KiB on Linux) and CPU
+# seconds (user + system, every thread): on a shared machine CPU time moves less than wall time
 PEAK_WRAPPER = (
     "import resource, subprocess, sys\n"
     "p = subprocess.run(sys.argv[1:])\n"
-    "sys.stderr.write('\\nPEAK_RSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "sys.stderr.write('\\nPEAK_RSS_KB %d CPU_S %.3f\\n' % (u.ru_maxrss, u.ru_utime + u.ru_stime))\n"
     "sys.exit(p.returncode)\n"
 )
 
 
-def _run(cmd: list[str], env: dict) -> tuple[float, str, float]:
-    """(wall seconds, stdout, peak RSS MiB) of one run of `cmd` (the wrapper's start is in the time)."""
+def _run(cmd: list[str], env: dict) -> tuple[float, str, float, float]:
+    """(wall seconds, stdout, peak RSS MiB, CPU seconds) of one run of `cmd` (the wrapper's start is in the
+    wall time)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd[:6])} ...\n{proc.stderr[-3000:]}")
-    peak = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
-    return elapsed, proc.stdout, int(peak[-1]) / 1024
+    peak = [line.split() for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")][-1]
+    return elapsed, proc.stdout, int(peak[1]) / 1024, float(peak[3])
 
 
 def main() -> None:
@@ -141,33 +144,37 @@ def main() -> None:
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {name: [] for name in cmds}
     peaks: dict[str, list[float]] = {name: [] for name in cmds}
+    cpus: dict[str, list[float]] = {name: [] for name in cmds}
     outputs = {}
     for r in range(args.rounds):
         order = list(cmds.items())
         for name, cmd in order[r % len(order):] + order[:r % len(order)]:
-            t, out, peak = _run(cmd, env)
+            t, out, peak, cpu = _run(cmd, env)
             times[name].append(t)
             peaks[name].append(peak)
+            cpus[name].append(cpu)
             outputs[name] = out
-            print(f"round {r + 1} {name}: {t:.1f} s, peak RSS {peak:.0f} MiB", file=sys.stderr)
+            print(f"round {r + 1} {name}: {t:.1f} s ({cpu:.1f} s CPU), peak RSS {peak:.0f} MiB", file=sys.stderr)
     load_after = os.getloadavg()
     base = statistics.median(times.get("ct2-int8 (batch 1)", times["fxquant"]))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
         rows.append([name, f"{med:.2f}", f"{min(ts):.2f}-{max(ts):.2f}", f"{audio_s / med:.1f}x",
-                     f"{base / med:.2f}x", f"{max(peaks[name]):.0f}"])
+                     f"{base / med:.2f}x", f"{statistics.median(cpus[name]):.2f}", f"{max(peaks[name]):.0f}"])
     label = f"fxquant ({args.precision})"
     rows[0][0] = label
     table = tabulate(rows, headers=["variant", "median s", "min-max s", "real-time factor",
-                                    "vs fxquant" if args.no_ct2 else "vs CT2 batch 1", "peak RSS MiB"],
+                                    "vs fxquant" if args.no_ct2 else "vs CT2 batch 1", "median CPU s",
+                                    "peak RSS MiB"],
                      tablefmt="github")
     header = (f"`python benchmarks/bench_transcribe.py {' '.join(sys.argv[1:])}`\n\n"
               f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} ({_cpu()}), {args.threads} threads, "
               f"{len(files)} LJ Speech files ({audio_s:.0f} s of audio), whole process per run (start-up, model "
               f"load, features, decode), {args.rounds} interleaved rounds. Load average before "
-              f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores). Peak RSS: the largest resident set of the "
-              f"process over the rounds.\n\n")
+              f"{load_before[0]:.2f}, after {load_after[0]:.2f} (2 cores). CPU s: user + system seconds of the "
+              f"process, all threads (less sensitive than wall time to other work on the machine). Peak RSS: the "
+              f"largest resident set of the process over the rounds.\n\n")
     print(table)
     out = Path(args.out) if args.out else HERE / f"TRANSCRIBE-{args.model}.md"
     out.write_text(f"# Transcription wall time: {args.model}\n\n" + header + table + "\n")

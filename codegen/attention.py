@@ -104,6 +104,20 @@ class AttentionKernel(_Kernel):
         self.prefill_min_rows = PREFILL_MIN_ROWS  # calls with at least this many query rows (and no mask) use it
 
     @property
+    def quantize_rows(self):
+        """int8 key / value kernels: the per-row quantizer that makes their inputs (codegen.kv_quant, the same
+        target, built on first use); None for float32 ones. FusedAttention converts constant keys / values
+        with it, bit for bit what its torch path (fxquant.ops.kv_int8_per_row) gives."""
+        if self._kv is not _I8:
+            return None
+        quant = self.__dict__.get("_quantizer")
+        if quant is None:
+            from .kv_quant import row_quantizer
+
+            quant = self.__dict__["_quantizer"] = row_quantizer(self.target)
+        return quant
+
+    @property
     def has_prefill(self) -> bool:
         """True when this kernel has the bf16 prefill path (avx512 target, CPU with AVX512-BF16, float32 K / V)."""
         return self._prefill is not None

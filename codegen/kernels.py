@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
 from fxquant.graphutil import conv_output_size
-from fxquant.qweight import dequantize
+from fxquant.qweight import QuantizedWeight, dequantize
 
 from .threadpool import load_kernel_library, num_threads
-from .kernel_table import kernel_for
-from .packing import Packed, analyze_tables
+from .kernel_table import kernel_for, pack_lut_avx512
+from .pack_cache import cached_codes
+from .packing import Packed, analyze_tables, pack_avx512, pack_avx512_codes
 from .render import UnsupportedOp, render_conv_grouped, render_linear
 from .kernel_base import _Kernel
 from .targets import Target, resolve_target
@@ -188,14 +189,28 @@ def _out_hw(op: LowbitConv) -> Callable[[int, int], tuple[int, int]]:
 
 
 def build_linear(op, target: Target, cache_dir: str | None = None) -> LinearKernel:
-    """Render, pack, compile and wrap the linear kernel of a LowbitLinear (or im2col conv) op."""
-    qw = op.qweight
+    """Render, pack, compile and wrap the linear kernel of a LowbitLinear (or im2col conv) op.
+
+    The avx512 LUT kernels' code stream comes from codegen/pack_cache.py when the op's bit-packed codes were
+    packed before (a loaded artifact): the codes are then never unpacked here."""
     family = target.family
+    entry = kernel_for(op.scheme, family if op.act_bits == 8 else "f32")
+    stream = None
+    if entry.pack is pack_lut_avx512:
+        n, k = op.code_shape
+        stream = cached_codes(op.packed_codes, op.group_size,
+                              lambda: pack_avx512_codes(op.codes, op.bits, op.group_size), cache_dir)
+        # the codes' shape is all rendering and packing read of them now: a zero-stride stand-in
+        shape_only = torch.zeros((), dtype=torch.uint8).expand(n, k)
+        qw = QuantizedWeight(op.bits, shape_only, op.table, op.table_index, op.scales, op.group_size,
+                             op.scheme, op.granularity)
+    else:
+        qw = op.qweight
     info = analyze_tables(qw) if family == "avx512" and op.act_bits == 8 else None
     ln_eps, residual = getattr(op, "ln_eps", None), bool(getattr(op, "residual", False))
     name, src = render_linear(qw, family, op.bias is not None, op.epilogue, op.act_bits, target.name, info,
                               ln_eps=ln_eps, has_res=residual)
-    packed = kernel_for(qw.scheme, family if op.act_bits == 8 else "f32").pack(qw, info)
+    packed = pack_avx512(qw, info, stream) if stream is not None else entry.pack(qw, info)
     lib = load_kernel_library(src, name, target.flags, cache_dir)
     n, k = qw.codes.shape
     bias = None if op.bias is None else op.bias.float().contiguous()

@@ -155,26 +155,46 @@ def unpack_avx512(codes: torch.Tensor, shape: tuple[int, int], bits: int, group_
     return torch.from_numpy(out)
 
 
-def pack_avx512(qw: QuantizedWeight, info: TableInfo | None = None) -> Packed:
-    """Pack for the avx512 LUT kernels (layout in the module docstring)."""
-    info = info or analyze_tables(qw)
-    n, _ = qw.codes.shape
-    g, nb = qw.num_groups, math.ceil(n / 16)
-    gsp = padded_group(qw.group_size, 16)
-    codes = np.empty((nb, g * (gsp // 16) * 32 * qw.bits), dtype=np.uint8)
-    src = qw.codes.numpy()
+def avx512_code_bytes(shape: tuple[int, int], bits: int, group_size: int) -> int:
+    """Bytes of pack_avx512's code stream for [N, K] codes of `bits` bits in groups of `group_size`."""
+    n, k = shape
+    return math.ceil(n / 16) * math.ceil(k / group_size) * (padded_group(group_size, 16) // 16) * 32 * bits
+
+
+def pack_avx512_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The code stream of pack_avx512 (uint8, avx512_code_bytes long) for uint8 [N, K] codes."""
+    n, k = codes.shape
+    g, nb = math.ceil(k / group_size), math.ceil(n / 16)
+    gsp = padded_group(group_size, 16)
+    out = np.empty((nb, g * (gsp // 16) * 32 * bits), dtype=np.uint8)
+    src = codes.numpy()
     step = max(1, PACK_CHUNK_ROWS // 16)
     for b0 in range(0, nb, step):  # numpy (one thread, no barriers on a busy machine), in small row chunks
         b1 = min(b0 + step, nb)
-        c = _grouped_codes(src[b0 * 16 : b1 * 16], qw.group_size, (b1 - b0) * 16, gsp)
+        c = _grouped_codes(src[b0 * 16 : b1 * 16], group_size, (b1 - b0) * 16, gsp)
         # (nb, r, g, s, q, i) -> (nb, g, s, q, r, i): quad byte 4*r + i
         c = (
             c.reshape(b1 - b0, 16, g, gsp // 16, 4, 4)
             .transpose(0, 2, 3, 4, 1, 5)
             .reshape(b1 - b0, g, gsp // 16, 4, 64)
         )
-        codes[b0:b1] = _bit_planes(c, qw.bits).reshape(b1 - b0, -1)
-    codes = torch.from_numpy(codes.reshape(-1))
+        out[b0:b1] = _bit_planes(c, bits).reshape(b1 - b0, -1)
+    return torch.from_numpy(out.reshape(-1))
+
+
+def pack_avx512(qw: QuantizedWeight, info: TableInfo | None = None,
+                codes: torch.Tensor | None = None) -> Packed:
+    """Pack for the avx512 LUT kernels (layout in the module docstring). `codes`: the code stream when it
+    is already known (codegen/pack_cache.py); qw.codes is then not read (only its shape)."""
+    info = info or analyze_tables(qw)
+    n, _ = qw.codes.shape
+    g, nb = qw.num_groups, math.ceil(n / 16)
+    want = avx512_code_bytes(qw.shape, qw.bits, qw.group_size)
+    if codes is None:
+        codes = pack_avx512_codes(qw.codes, qw.bits, qw.group_size)
+    elif codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != want:
+        raise ValueError(f"pack_avx512: a code stream of {want} uint8 bytes is needed, got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
     scales = torch.nn.functional.pad(qw.scales.float(), (0, 0, 0, nb * 16 - n))
     scales = scales.view(nb, 16, g).transpose(1, 2).contiguous()
     shape, bits, gs = tuple(qw.codes.shape), qw.bits, qw.group_size

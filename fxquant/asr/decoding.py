@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import zlib
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecodeOptions", "DecodeResult", "ModelParts", "decode_windows", "compression_ratio"]
+__all__ = ["DecodeOptions", "DecodeResult", "ModelParts", "DecodeScratch", "decode_windows", "compression_ratio"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +77,62 @@ class ModelParts:
         return cls(model.encoder, model.decoder.cross_cache, model.decoder.step, d.n_text_layer, d.n_text_head,
                    d.n_text_state, d.n_text_ctx)
 
-    def empty_cache(self, batch: int) -> torch.Tensor:
-        """A zeroed self-attention cache (B, n_layer, 2, H, n_text_ctx, dh), as TextDecoder.empty_cache."""
-        return torch.zeros(batch, self.n_layer, 2, self.n_head, self.n_text_ctx, self.n_state // self.n_head)
+    def empty_cache(self, batch: int, scratch: "DecodeScratch | None" = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A zeroed self-attention cache (B, n_layer, 2, H, n_text_ctx, dh), as TextDecoder.empty_cache
+        (in `scratch`'s reused memory when given)."""
+        shape = (batch, self.n_layer, 2, self.n_head, self.n_text_ctx, self.n_state // self.n_head)
+        if scratch is None:
+            return torch.zeros(shape, dtype=dtype)
+        return scratch.tensor("self_kv", shape, dtype).zero_()
+
+    def cross_kv(self, audio: torch.Tensor, scratch: "DecodeScratch | None" = None) -> torch.Tensor:
+        """cross_cache(audio) (B, n_layer, 2, H, A, dh). Compiled parts with a scratch compute it one window at
+        a time into the scratch's reused memory: the same values (the kernels treat rows independently), but
+        no batch-sized temporaries. For a batch of 8 tiny.en windows the graph's own way allocates 330 MiB
+        (the projections' output, two rounds of stacking) that the first write faults in page by page: 220 ms
+        a batch, against about 50 ms one window at a time. fp32 parts keep the batched call."""
+        if scratch is None or not self.kernel_owned_threads or audio.shape[0] == 1:
+            return self.cross_cache(audio)
+        first = self.cross_cache(audio[:1])
+        out = scratch.tensor("cross_kv", (audio.shape[0], *first.shape[1:]), first.dtype)
+        out[:1].copy_(first)
+        del first
+        for i in range(1, audio.shape[0]):
+            out[i:i + 1].copy_(self.cross_cache(audio[i:i + 1]))
+        return out
+
+
+class DecodeScratch:
+    """Memory reused by the batches of one transcription (the cross and self-attention caches).
+
+    A fresh tensor of tens of MiB is mapped from the OS and faults in on first write, 4 KiB at a time
+    (about 2.5 us a page on the machine of benchmarks/TRANSCRIBE-*.md: 45 ms for one 73 MiB batch cache);
+    reused memory costs nothing. A tensor handed out stays valid until the next request of the same name:
+    a decode asks once per batch, after the previous batch is done. Writing into it bumps its version
+    counter, so FusedAttention's per-tensor int8 memo sees new contents.
+
+    Example:
+        >>> s = DecodeScratch()
+        >>> a = s.tensor("x", (2, 3)); b = s.tensor("x", (1, 3))
+        >>> a.data_ptr() == b.data_ptr(), b.shape
+        (True, torch.Size([1, 3]))
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape`, in memory kept from earlier requests when it fits."""
+        n = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self._buffers.pop(name, None)          # free the old one before taking the new one
+            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 MIN_LOOP_REPEATS = 4   # a tail of at least this many copies of one n-gram is a repetition loop
@@ -118,13 +172,26 @@ def _suppressed(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(i for i in ids if i is not None and i >= 0), dtype=torch.long)
 
 
+def _suppress_masks(vocab: int, suppress: torch.Tensor, blank: torch.Tensor | None) -> list[torch.Tensor]:
+    """Boolean (vocab,) masks of the suppressed tokens: [first position, later positions] (one mask when
+    blank is not suppressed at the first position)."""
+    later = torch.zeros(vocab, dtype=torch.bool)
+    later[suppress] = True
+    if blank is None:
+        return [later]
+    first = later.clone()
+    first[blank] = True
+    return [first, later]
+
+
 @torch.no_grad()
 def decode_windows(parts: ModelParts, tokenizer, mels: torch.Tensor, options: DecodeOptions = DecodeOptions(),
-                   audio: torch.Tensor | None = None) -> list[DecodeResult]:
+                   audio: torch.Tensor | None = None, scratch: DecodeScratch | None = None) -> list[DecodeResult]:
     """Decode a batch of log-mel windows (B, n_mels, 3000); one DecodeResult per window.
 
     With temperature > 0 each window is sampled `best_of` times in one batch and the most likely
     sample (mean log-probability) is kept. `audio` (the encoder output) may be passed to skip the encoder.
+    `scratch` (a DecodeScratch) lets consecutive calls reuse the caches' memory.
     """
     if mels.dim() != 3:
         raise ValueError(f"decode_windows expects mel windows (B, n_mels, frames), got {tuple(mels.shape)}")
@@ -134,7 +201,7 @@ def decode_windows(parts: ModelParts, tokenizer, mels: torch.Tensor, options: De
     if repeat > 1:
         audio = audio.repeat_interleave(repeat, dim=0)
     with kernel_thread_policy(parts):
-        results = _decode(parts, tokenizer, audio, options)
+        results = _decode(parts, tokenizer, audio, options, scratch)
     if repeat == 1:
         return results
     best = []
@@ -155,7 +222,8 @@ def kernel_thread_policy(parts: ModelParts):
     return pool_owns_threads()
 
 
-def _decode(parts: ModelParts, tokenizer, audio: torch.Tensor, options: DecodeOptions) -> list[DecodeResult]:
+def _decode(parts: ModelParts, tokenizer, audio: torch.Tensor, options: DecodeOptions,
+            scratch: DecodeScratch | None = None) -> list[DecodeResult]:
     batch = audio.shape[0]
     prompt = tokenizer.sot_sequence(language=options.language if tokenizer.multilingual else None)
     sot_index = prompt.index(tokenizer.sot)
@@ -164,24 +232,23 @@ def _decode(parts: ModelParts, tokenizer, audio: torch.Tensor, options: DecodeOp
     suppress = _suppressed(tokenizer)
     blank = torch.tensor(tokenizer.encode(" ") + [tokenizer.eot], dtype=torch.long)
     gen = torch.Generator().manual_seed(options.seed)
-    cross = parts.cross_cache(audio)
-    cache = parts.empty_cache(batch).to(cross.dtype)
+    cross = parts.cross_kv(audio, scratch)
+    cache = parts.empty_cache(batch, scratch, cross.dtype)
     logits, cache = parts.step(torch.tensor([prompt] * batch), cross, cache, torch.tensor(0))
     no_speech = logits[:, sot_index].float().softmax(-1)[:, tokenizer.no_speech].tolist()
     eot = tokenizer.eot
     out = torch.empty(batch, 0, dtype=torch.long)
     done = torch.zeros(batch, dtype=torch.bool)
     sum_logprob = torch.zeros(batch, dtype=torch.float64)
+    masks = _suppress_masks(logits.shape[-1], suppress, blank if options.suppress_blank else None)
     for i in range(max_tokens):
-        last = logits[:, -1].float().clone()
-        last[:, suppress] = float("-inf")
-        if i == 0 and options.suppress_blank:
-            last[:, blank] = float("-inf")
+        # one out-of-place masked_fill instead of clone + index_put (what the rules suppress becomes -inf)
+        last = logits[:, -1].float().masked_fill(masks[min(i, len(masks) - 1)], float("-inf"))
         if options.temperature > 0:
             probs = F.softmax(last / options.temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        else:
-            nxt = last.argmax(-1)
+        else:  # numpy's argmax: the same first maximum (a NaN counts as the maximum), ~10x faster than torch's here
+            nxt = torch.from_numpy(last.numpy().argmax(-1)).long()
         logprobs = F.log_softmax(last, dim=-1)
         chosen = logprobs.gather(1, nxt[:, None])[:, 0].double()
         sum_logprob += torch.where(done, torch.zeros_like(chosen), chosen)

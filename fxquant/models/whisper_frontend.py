@@ -117,6 +117,18 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80, padding: int = 0)
         >>> log_mel_spectrogram(torch.zeros(2, 32000)).shape
         torch.Size([2, 80, 200])
     """
+    return log_mel_from_power(power_spectrogram(audio, padding), n_mels)
+
+
+def power_spectrogram(audio: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """|STFT|^2 of `log_mel_spectrogram`: (N,) -> (201, frames), (B, N) -> (B, 201, frames), the last frame
+    dropped. A frame that sees only zeros is exactly 0, and each frame is computed on its own, so the
+    spectrogram of a zero-padded signal is this one followed by zero columns.
+
+    Example:
+        >>> power_spectrogram(torch.zeros(3200)).shape
+        torch.Size([201, 20])
+    """
     audio = torch.as_tensor(audio)
     if audio.dim() not in (1, 2):
         raise ConfigError(f"audio must be (samples,) or (batch, samples), got shape {tuple(audio.shape)}")
@@ -124,7 +136,6 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80, padding: int = 0)
         raise ConfigError(f"audio must be a float tensor of samples in [-1, 1], got {audio.dtype}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ConfigError(f"padding must be a non-negative int, got {padding!r}")
-    filters = _filters(n_mels)
     audio = audio.to(torch.float32)
     if padding > 0:
         audio = F.pad(audio, (0, padding))
@@ -133,7 +144,13 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80, padding: int = 0)
                          f"{N_FFT // 2}); pad it, e.g. pad_or_trim(audio) or padding=N_SAMPLES")
     window = torch.hann_window(N_FFT)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
-    magnitudes = stft[..., :-1].abs() ** 2
+    return stft[..., :-1].abs() ** 2
+
+
+def log_mel_from_power(magnitudes: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """The rest of `log_mel_spectrogram` on a power spectrogram (201, frames) or (B, 201, frames): Slaney mel,
+    log10 of clamp(min=1e-10), floor at max - 8 per utterance, then (x + 4) / 4."""
+    filters = _filters(n_mels)
     log_spec = torch.clamp(filters @ magnitudes, min=1e-10).log10()
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)               # per utterance
     log_spec = torch.maximum(log_spec, peak - 8.0)

@@ -39,12 +39,20 @@ def test_transcribe_tsv_and_json(tiny_ckpt, stereo_44k, lj_clips, capsys):
 
 @pytest.mark.parametrize("content,what", [(None, "not found"), (b"this is not audio", "audio")])
 def test_bad_files_exit_2(tmp_path, capsys, content, what):
+    import gc
+
     path = tmp_path / "x.wav"
     if content is not None:
         path.write_bytes(content)
     assert main(["transcribe", str(path)]) == 2
     err = capsys.readouterr().err
     assert "fxquant: error:" in err and what in err.lower() and "Traceback" not in err
+    assert gc.isenabled()                       # the command turns the collector off while it runs, not after
+    gc.disable()
+    try:                                        # ... and leaves it off for a caller that had it off
+        assert main(["transcribe", str(path)]) == 2 and not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_missing_checkpoint_exit_2(tmp_path, capsys, lj_clips):

@@ -123,3 +123,19 @@ def test_batch_equals_per_utterance(lj_audio):
     for i in range(3):
         alone = log_mel_spectrogram(batch[i])
         assert (together[i] - alone).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("samples", [201, 1000, 16000, 100_003])
+def test_power_spectrogram_of_padded_audio_is_zero_columns(samples):
+    """What split_windows relies on: frames are transformed independently and a frame of zeros has power 0
+    exactly, so padding the audio further only appends zero columns; log_mel_spectrogram is the two steps."""
+    from fxquant.models.whisper_frontend import log_mel_from_power, power_spectrogram
+
+    audio = torch.randn(samples, generator=torch.Generator().manual_seed(samples)) * 0.1
+    short = power_spectrogram(audio, padding=2000)
+    long = power_spectrogram(audio, padding=48_000)
+    assert short.shape[0] == 201 and long.shape[1] == (samples + 48_000) // 160
+    assert torch.equal(long[:, :short.shape[1] - 10], short[:, :-10])
+    tail = (samples + 200) // 160 + 2                # frames from here on see only zeros
+    assert torch.equal(long[:, tail:], torch.zeros_like(long[:, tail:]))
+    assert torch.equal(log_mel_from_power(long), log_mel_spectrogram(audio, padding=48_000))

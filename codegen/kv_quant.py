@@ -1,0 +1,75 @@
+"""Per-row int8 quantization of attention keys / values as one generated C kernel (templates/kv_quant.c.j2).
+
+`row_quantizer(target)(t)` returns what `fxquant.ops.kv_int8_per_row(t)` returns, bit for bit (NaN, inf and
+zero rows too), for a float32 [B, H, L, D] tensor whose last axis has unit stride (strided views such as a
+slice of Whisper's cross-attention cache included): int8 rows and float32 [B, H, L, 1] scales, both
+contiguous. One pass over each row on the thread pool, instead of torch's six passes over the tensor: the
+eight key / value tensors of Whisper tiny.en's cross cache for a batch of 8 windows (8 x 6 x 1500 x 64 each)
+took 12 ms instead of 37 ms (2 threads, busy machine).
+
+Example:
+    >>> import torch
+    >>> from fxquant.ops import kv_int8_per_row
+    >>> quant = row_quantizer("portable")                                        # doctest: +SKIP
+    >>> t = torch.randn(2, 3, 5, 8)
+    >>> all(torch.equal(a, b) for a, b in zip(quant(t), kv_int8_per_row(t)))     # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+
+from .kernel_base import _Kernel
+from .render import render
+from .targets import Target, resolve_target
+from .threadpool import load_kernel_library, num_threads
+
+__all__ = ["RowQuantizer", "row_quantizer"]
+
+_VP, _INT = ctypes.c_void_p, ctypes.c_int
+
+
+class RowQuantizer(_Kernel):
+    """(q int8 [B, H, L, D], scale float32 [B, H, L, 1]) = quantizer(t float32 [B, H, L, D])."""
+
+    def __init__(self, name: str, target: Target, source: str, lib: ctypes.CDLL):
+        super().__init__(name, target, source)
+        self.lib = lib
+        self._fn = lib.fx_kv_quant
+        self._fn.argtypes = [_VP, _VP, _VP, _VP, _INT]
+        self._fn.restype = None
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.runnable:
+            self._check()
+        if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32 or t.dim() != 4:
+            got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{self.name}: expects a float32 [B, H, L, D] tensor, got {got}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{self.name}: expects a CPU tensor, got one on {t.device}")
+        if t.stride(3) != 1 and t.shape[3] > 1:
+            t = t.contiguous()
+        b, h, rows, d = t.shape
+        q = torch.empty((b, h, rows, d), dtype=torch.int8)
+        s = torch.empty((b, h, rows, 1), dtype=torch.float32)
+        if q.numel():
+            sb, sh, sl = t.stride(0), t.stride(1), t.stride(2)
+            dims = (ctypes.c_int64 * 7)(b, h, rows, d, sb, sh, sl)
+            self._fn(t.data_ptr(), ctypes.addressof(dims), q.data_ptr(), s.data_ptr(), num_threads())
+        return q, s
+
+
+@lru_cache(maxsize=None)
+def _build(target: Target, cache_dir: str | None) -> RowQuantizer:
+    name = f"kv_quant_{target.name}"
+    src = render("kv_quant.c.j2", name=name, family=target.family)
+    return RowQuantizer(name, target, src, load_kernel_library(src, name, target.flags, cache_dir))
+
+
+def row_quantizer(target: str | Target = "native", cache_dir: str | None = None) -> RowQuantizer:
+    """The per-row int8 quantizer for a target ("avx512" | "avx2" | "portable" | "native" or a Target),
+    built once per process (and cached on disk by content hash)."""
+    return _build(resolve_target(target), None if cache_dir is None else str(cache_dir))
