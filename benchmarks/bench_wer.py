@@ -2,6 +2,7 @@
 
     python benchmarks/bench_wer.py                                  # tiny.en, every variant (~30-60 min)
     python benchmarks/bench_wer.py --model whisper-base --variants fp32,ct2-int8,bits8,avg4
+    python benchmarks/bench_wer.py --variants openai-fp32,fp32 --fsdd 0 --out benchmarks/WER-whisper-tiny.en-openai.md
 
 Scores all 186 LJ Speech utterances and 60 FSDD digit sentences (test takes) per variant: greedy decoding,
 both sides through fxquant.textnorm's English normaliser. Compiled variants are calibrated on FSDD training
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="score only the first N LJ Speech utterances")
     p.add_argument("--fsdd", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the table here (default benchmarks/WER-<model>.md; the transcripts go "
+                                 "beside it as <name>-transcripts.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,9 +94,9 @@ def main() -> None:
               f"on {platform.machine()}, {args.threads} threads; {n_lj} LJ Speech utterances and {args.fsdd} FSDD "
               f"digit sentences (test takes), greedy decoding, normalised text. Load average during the run: "
               f"{min(load):.1f}-{max(load):.1f} (2 cores; the speed column is only indicative under load).\n\n")
-    out = HERE / f"WER-{args.model}.md"
+    out = Path(args.out) if args.out else HERE / f"WER-{args.model}.md"
     out.write_text(f"# Word error rate: {args.model}\n\n" + header + table + "\n")
-    (HERE / f"WER-{args.model}-transcripts.json").write_text(json.dumps(
+    out.with_name(f"{out.stem}-transcripts.json").write_text(json.dumps(
         {r["variant"]: r["hyps"] for r in results}, indent=0))
     print(f"wrote {out}", file=sys.stderr)
 
