@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from fxquant.datasets import DIGIT_WORDS, fsdd_clips, load_clip16k, shared_data_dir
+from fxquant.datasets import DIGIT_WORDS, fsdd_available, fsdd_clips, load_clip16k, shared_data_dir
 
 __all__ = ["Utterance", "ljspeech_dir", "ljspeech", "fsdd_sentences", "calibration_waves", "calibration_recipe"]
 
@@ -79,9 +79,7 @@ FALLBACK_ENGLISH = 16      # shipped English clips used when ../shared (FSDD) is
 
 def _calibration_counts(n: int, english: int) -> tuple[int, int]:
     """(English clips, FSDD sentences) that calibration_waves(n, english=english) uses on this machine."""
-    try:
-        fsdd_clips("train")
-    except FileNotFoundError:
+    if not fsdd_available("train"):
         return english or FALLBACK_ENGLISH, 0
     return english, n
 

@@ -90,3 +90,15 @@ def test_digit_test_set_is_fixed():
     words = sum(len(w) for _, w in big)
     seconds = sum(x.numel() for x, _ in big) / 16000
     assert 40 <= words <= 280 and 0.3 * words < seconds < 1.2 * words
+
+
+def test_fsdd_available_stops_at_the_first_clip_of_the_split(tmp_path):
+    from fxquant.datasets import fsdd_available, fsdd_clips
+
+    (tmp_path / "3_alice_2.wav").write_bytes(b"")           # a test take (0-4) only
+    (tmp_path / "notes.wav").write_bytes(b"")                # not a {digit}_{speaker}_{take} name
+    assert fsdd_available("test", tmp_path) and not fsdd_available("train", tmp_path)
+    assert not fsdd_available("train", tmp_path / "missing")
+    (tmp_path / "3_alice_7.wav").write_bytes(b"")
+    assert fsdd_available("train", tmp_path)
+    assert [c.take for c in fsdd_clips("all", tmp_path)] == [2, 7]
