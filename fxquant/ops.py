@@ -404,6 +404,10 @@ class FusedAttention(LoweredOp):
         memo[slot] = (weakref.ref(base), key, packed)  # one assignment: safe across threads
         return packed
 
+    def forget_constant_kv(self) -> None:
+        """Drop the int8 copies of the last keys / values (else they outlive them: 37 MiB for 8 windows)."""
+        self.__dict__["_kv_memo"] = {}
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_kv_memo"] = {}

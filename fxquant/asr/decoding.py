@@ -92,6 +92,7 @@ class ModelParts:
         no batch-sized temporaries. For a batch of 8 tiny.en windows the graph's own way allocates 330 MiB
         (the projections' output, two rounds of stacking) that the first write faults in page by page: 220 ms
         a batch, against about 50 ms one window at a time. fp32 parts keep the batched call."""
+        _forget_constant_kv(self.step)
         if scratch is None or not self.kernel_owned_threads or audio.shape[0] == 1:
             return self.cross_cache(audio)
         first = self.cross_cache(audio[:1])
@@ -101,6 +102,14 @@ class ModelParts:
         for i in range(1, audio.shape[0]):
             out[i:i + 1].copy_(self.cross_cache(audio[i:i + 1]))
         return out
+
+
+def _forget_constant_kv(step) -> None:
+    """Release the int8 copies a compiled step keeps of the previous cross keys / values (FusedAttention)."""
+    modules = getattr(step, "modules", None)
+    for m in modules() if callable(modules) else ():
+        if callable(getattr(m, "forget_constant_kv", None)):
+            m.forget_constant_kv()
 
 
 class DecodeScratch:

@@ -40,3 +40,21 @@ def test_attention_with_int8_kv_matches_its_reference():
     att = FusedAttention(head_dim=16, kv_int8=True)
     q, k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 16)
     assert torch.equal(att(q, k, v), att.reference(q, k, v))
+
+
+def test_forget_constant_kv_drops_the_int8_copies(monkeypatch):
+    import fxquant.ops as ops
+    from fxquant.asr.decoding import _forget_constant_kv
+
+    calls = []
+    real = ops.kv_int8_per_row
+    monkeypatch.setattr(ops, "kv_int8_per_row", lambda t: calls.append(1) or real(t))
+    att = FusedAttention(head_dim=8, kv_int8=True)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    first = att(q, k, v)
+    assert torch.equal(att(q, k, v), first) and len(calls) == 2          # k and v once: memo hits after
+    step = torch.nn.Sequential(att)
+    _forget_constant_kv(step)
+    assert att._kv_memo == {}
+    assert torch.equal(att(q, k, v), first) and len(calls) == 4          # recomputed, the same numbers
+    _forget_constant_kv(lambda *a: None)                  # an fp32 step (a function): nothing to do
