@@ -58,7 +58,7 @@ EXTRA_OPTIONS = {
 
 def default_pipeline(target: str = "native", full_h: bool = True) -> str:
     """The pipeline compile_lowbit runs when `passes` is None. full_h=False calibrates only diag(H):
-    compile_lowbit asks for that unless GPTQ rounding reads H (six Linear(4096, 4096) kept 805 MiB of
+    compile_lowbit asks for that unless GPTQ rounding reads H (six Linear(4096, 4096) kept 768 MiB of
     float64 H otherwise)."""
     quantize = QUANTIZE if full_h else QUANTIZE.replace("calibrate,", "calibrate{full_h=False},", 1)
     if target == "reference":

@@ -44,8 +44,7 @@ class CalibrateOptions:
     percentile: float = 99.99     # percentile of |x| recorded (for static activation scales)
     max_h_dim: int = 4096         # above this K only diag(H) is kept
     full_h: bool = True           # False: only diag(H), when nothing reads H (GPTQ rounding and
-    # awq-scale do); the [K, K] GEMMs were a third of calibrating Whisper tiny.en's encoder (mlp.2:
-    # K = 1536, 1500 rows a window)
+    # awq-scale do); calibrating Whisper tiny.en's encoder on 8 windows: 4.0-4.4 s with H, 2.5-2.8 s without
     sample_numel: int = 1 << 18   # elements of the first batch's input kept per node for SQNR checks
 
 

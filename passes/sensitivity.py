@@ -210,8 +210,8 @@ def sensitivity(gm: fx.GraphModule, ctx) -> PassResult:
         return PassResult(changed=False, message="skipped: no avg_bits / budget_bytes budget")
     groups = [g for g in plan(gm, config) if g.pinned is None]
     own = config.get("sensitivity_inputs")
-    if own:
-        batches = [tuple(b) for b in own][:opts.max_batches]
+    if own:          # max_batches counts as for calibration items: 0 = all of them
+        batches = [tuple(b) for b in own][:opts.max_batches or None]
     else:
         batches = calibration_batches(ctx, opts.max_batches)
     by_name = {n.name: n for n in gm.graph.nodes}

@@ -147,3 +147,16 @@ def test_kl_against_precomputed_reference_logprobs_is_the_same_number():
     direct = output_error(ref, out, "kl")
     assert direct > 0 and output_error(reference_logprobs(ref), out, "kl") == direct
     assert output_error(reference_logprobs(ref), ref, "kl") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_own_sensitivity_inputs_follow_max_batches_zero_means_all():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    own = [(torch.randn(3, 8),) for _ in range(3)]
+    for max_batches, expected in ((0, 3), (2, 2)):
+        gm = capture(model, own[0])
+        ctx = PassContext(example_inputs=own[0], config={"avg_bits": 4, "sensitivity_inputs": own})
+        pm = PassManager(f"sensitivity{{max_batches={max_batches}}}")
+        pm.run(gm, ctx)
+        message = next(t.message for t in pm.timings if t.name == "sensitivity")
+        assert f"on {expected} batches" in message, message
