@@ -157,7 +157,19 @@ def _index_copy_(x, dim, index, source) -> torch.Tensor | None:
     return x
 
 
+def _clamp(x, lo=None, hi=None) -> torch.Tensor | None:
+    """x's shape and dtype when the bounds cannot promote it (a float tensor, or int bounds of an int one)."""
+    bounds = [b for b in (lo, hi) if b is not None]
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+        return None
+    if not x.is_floating_point() and any(isinstance(b, float) for b in bounds):
+        return None
+    return torch.empty(x.shape, dtype=x.dtype, device=META)
+
+
 SHAPE_RULES = {
+    "clamp.default": _clamp,
     "layer_norm.default": _layer_norm,
     "cat.default": _cat,
     "stack.default": lambda tensors, dim=0: _cat(tensors, dim, stack=True),

@@ -13,9 +13,10 @@ Precedence (one rule decides a node, its fields are not merged with other rules'
 Values: an int (bits), "float", or a dict with keys
     bits (2..8), scheme ("uniform" | "codebook"), group (elements per scale group, > 0), granularity
     ("tensor" | "channel" | "group"), symmetric (bool; 8-bit asymmetric is impossible), act_bits (8 | None),
-    act_mode ("dynamic" | "static"), rounding ("nearest" | "gptq"), float (True: keep fp32).
+    act_mode ("dynamic" | "static"), rounding ("nearest" | "gptq"), float (True: keep fp32), min_bits (under
+    a budget, the smallest width the solver may pick for these nodes; like compile_lowbit's min_bits).
 A dict without bits under avg_bits / budget_bytes does not pin the node: it restricts the solver's
-candidates to those matching its scheme / granularity / group / symmetric.
+candidates to those matching its scheme / granularity / group / symmetric / min_bits.
 
 Errors (ConfigError naming the rule, and listing real module names): unknown key, impossible value,
 the same pattern twice with different values, a rule that matches no quantizable node.
@@ -39,7 +40,8 @@ from .formats import AUTO, check_bits, default_granularity, get_format, quantize
 
 KINDS = ("exact", "regex", "glob", "op")          # highest precedence first
 OP_TYPES = ("linear", "conv1d", "conv2d", "conv", "depthwise")
-KEYS = ("bits", "scheme", "group", "granularity", "symmetric", "act_bits", "act_mode", "rounding", "float")
+KEYS = ("bits", "scheme", "group", "granularity", "symmetric", "act_bits", "act_mode", "rounding", "float",
+        "min_bits")
 DEFAULT_SCHEME = "uniform"   # widths a global scheme has no candidate for fall back to this format
 
 
@@ -112,6 +114,12 @@ def normalise_value(pattern: str, value: Any) -> dict:
             f"{where}: bits must be one of (8, 4, 3, 2) like compile_lowbit's bits, got {bits!r} "
             f"(use 'float' to keep fp32)"
         )
+    if "min_bits" in v:
+        m = v["min_bits"]
+        if isinstance(m, bool) or m not in (2, 3, 4, 5, 6, 8):
+            raise ConfigError(f"{where}: min_bits must be one of 2, 3, 4, 5, 6, 8, got {m!r}")
+        if "bits" in v:
+            raise ConfigError(f"{where}: bits={bits} pins the width, so min_bits={m} has no effect; give one")
     if "scheme" in v and v["scheme"] not in quantized_formats():
         raise ConfigError(
             f"{where}: scheme must be one of {quantized_formats()} (or 'float': True), got {v['scheme']!r}"

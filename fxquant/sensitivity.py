@@ -88,15 +88,23 @@ def quantizable_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str, tuple
 
 
 def tie_groups(gm: fx.GraphModule, nodes: list[fx.Node], tie_siblings: bool = True) -> list[list[fx.Node]]:
-    """Connected components (graph order) of: same weight tensor; linear siblings sharing an input."""
+    """Connected components (graph order) of: same weight tensor; linear siblings sharing an input.
+
+    A linear whose table an embedding lookup also reads (a tied token table, or one row block of it:
+    fxquant.models.token_blocks) is not tied to its siblings: the blocks exist to get formats of their own.
+    """
     g = nx.Graph()
     g.add_nodes_from(n.name for n in nodes)
     by_weight: dict = {}
     by_input: dict = {}
+    lookups = {ir.get_attr_value(gm, n.args[0].target).data_ptr() for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+               and getattr(n.args[0], "op", None) == "get_attr"}
     for n in nodes:
         w = ir.node_weight(gm, n)
         by_weight.setdefault((w.data_ptr(), tuple(w.shape)), []).append(n.name)
-        if tie_siblings and n.target in ir.LINEAR_TARGETS and isinstance(n.args[0], fx.Node):
+        if tie_siblings and n.target in ir.LINEAR_TARGETS and isinstance(n.args[0], fx.Node) \
+                and w.data_ptr() not in lookups:
             parent = ir.module_of(n).rsplit(".", 1)[0] if "." in ir.module_of(n) else ""
             by_input.setdefault((n.args[0].name, parent), []).append(n.name)
     for members in list(by_weight.values()) + list(by_input.values()):
@@ -142,10 +150,11 @@ def plan(gm: fx.GraphModule, config: dict) -> list[Group]:
             label = f"bits={bits}" if bits is not None else "default:W8"
             grp.pinned = rules_mod.make_decision(spec, {**config, "bits": bits or 8}, k, label, where)
         else:
+            floor = spec.get("min_bits", config.get("min_bits", 2))
             for bits, sch in table[scheme]:
-                if "scheme" in spec and spec["scheme"] != sch or bits < config.get("min_bits", 2):
+                if "scheme" in spec and spec["scheme"] != sch or bits < floor:
                     continue
-                cand_spec = {**spec, "bits": bits, "scheme": sch}
+                cand_spec = {k: v for k, v in spec.items() if k != "min_bits"} | {"bits": bits, "scheme": sch}
                 granularity = default_granularity(sch, bits, "group" in spec)
                 if granularity == "group":  # the format keeps a group the rule asked for
                     cand_spec["granularity"] = "group"

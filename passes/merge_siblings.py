@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from fxquant import ir
 from fxquant.graphutil import fresh_submodule_name
-from fxquant.ops import LowbitLinear
+from fxquant.ops import LowbitEmbedding, LowbitLinear
 from fxquant.qweight import concat_rows
 from fxquant.registry import PassResult, register_pass
 
@@ -33,12 +33,15 @@ def _merge_key(mod: LowbitLinear) -> tuple:
 
 def _sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     groups: dict[tuple, list[fx.Node]] = {}
+    looked_up = {m.scales.data_ptr() for m in gm.modules() if isinstance(m, LowbitEmbedding)}
     for node in gm.graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         mod = gm.get_submodule(node.target)
         if type(mod) is not LowbitLinear or mod.ln_eps is not None or mod.residual:
             continue  # static-activation subclasses carry per-op input scales; fused ops have own inputs
+        if mod.scales.data_ptr() in looked_up:
+            continue  # a tied table shared with a lookup (tie-embeddings): merging would copy it
         groups.setdefault((node.args[0], _merge_key(mod)), []).append(node)
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 

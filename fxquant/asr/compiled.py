@@ -53,6 +53,13 @@ class WhisperCalibration:
     packed: "WhisperCalibration | None" = None   # one window packed with the clips (pack_clips), same fields
 
 
+# Under a budget the decoder's layers (not its token table) keep >= 3 bits: the per-layer KL the solver adds up
+# misses how 2-bit decoder layers compound (fake-quantized, 2-bit self-attention or cross-attention queries
+# alone cost +15 / +20 WER points, benchmarks/STUDY-whisper-3bit.md). tiny.en avg 3 bits, 186 LJ Speech
+# clips: 5.86 % WER without the floor (the solver put one decoder q/k/v and one cross query at 2 bits),
+# 4.49 % with it (fp32 3.43 %).
+DECODER_MIN_BITS = 3
+
 PACK_SECONDS = 28.0   # pack_clips fills a 30 s window up to here (Whisper's own windows end near speech too)
 PACK_GAP_SECONDS = 0.5
 
@@ -195,11 +202,11 @@ def centered_token_table(model):
     one constant per position (h . mu), which softmax, argmax, log-probabilities and the no-speech probability
     ignore (fxquant.quantizers.equalize). The caller's model is not modified. `compile_whisper(center_table=True)`.
 
-    Off by default: in tiny.en mu holds 83 % of the table's energy, and with fake-quantized weights and fp32
-    activations centering helped (60 LJ Speech clips, benchmarks/STUDY-whisper-3bit.md: table alone at 3-bit
-    codebooks 4.77 % -> 4.11 % WER, a whole 3.19-bit recipe 9.91 % -> 7.76 %), but through the compiler (int8
-    activations, the same per-layer decisions) it measured worse on all 186 clips: avg 4 bits 3.89 % -> 4.14 %,
-    avg 3 bits 13.0 % -> 36.4 %. Not yet explained (issue 11).
+    On by default under a budget (with the row-block table, `compile_whisper`): in tiny.en mu holds 83 % of
+    the table's energy, which low-bit rows otherwise spend their levels on. Measured on the 186 LJ Speech
+    clips, tiny.en avg 3 bits with the row-block table: 10.78 % WER uncentered, 5.86 % centered; with the
+    fake-quantized table alone (the decoder step's block formats of that uncentered compile, fp32
+    activations), 6.95 % uncentered and 3.55 % centered (fp32: 3.43 %).
 
     Example:
         >>> from fxquant.models.whisper import whisper_random
@@ -223,27 +230,40 @@ def centered_token_table(model):
 
 def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None,
                     calibration_waves: list[torch.Tensor] | None = None, target: str = "native",
-                    log=None, center_table: bool = False, **options: Any) -> CompiledWhisper:
+                    log=None, center_table: bool | None = None, split_table: bool | None = None,
+                    decoder_min_bits: int | None = DECODER_MIN_BITS, **options: Any) -> CompiledWhisper:
     """Compile the encoder, cross cache and decoder step of a WhisperCheckpoint at one precision.
 
     `bits` / `avg_bits` and `options` are compile_lowbit's (rules by module name inside each part:
     "blocks.0.mlp.0" in the encoder, "decoder.blocks.0.attn.query" in the step and cross cache).
-    `log` (e.g. print) receives one line per compile phase with its time. `center_table`: quantize the
-    centered token table (`centered_token_table`; off by default, see there).
+    `log` (e.g. print) receives one line per compile phase with its time. `split_table`: hold the tied token
+    table as row blocks (`fxquant.models.token_blocks`) so that the budget picks a format per block;
+    `center_table`: quantize the centered token table (`centered_token_table`). None (the default) does
+    both when a budget (avg_bits / budget_bytes) is given, neither at a uniform width. `decoder_min_bits`:
+    under a budget, the narrowest width of the decoder's layers (cross cache and step, not the token table;
+    None: no floor; see DECODER_MIN_BITS).
     """
     import fxquant
     from fxquant.models.whisper import DecoderCrossCache, DecoderStep
     from fxquant.models.whisper_text import WhisperTokenizer
 
-    from .data import calibration_waves as default_waves
+    from .data import BUDGET_ENGLISH, calibration_waves as default_waves
     from .joint import compile_jointly          # torch.export and the pass manager: only when compiling
 
     start = time.perf_counter()
-    model = centered_token_table(ckpt.model) if center_table else ckpt.model
+    log = log or (lambda *a: None)
+    budget = avg_bits is not None or options.get("budget_bytes") is not None
+    split = split_table if split_table is not None else budget
+    model = centered_token_table(ckpt.model) if (split if center_table is None else center_table) else ckpt.model
     tokenizer_file = ckpt.directory / "tokenizer.json"
     tok = WhisperTokenizer.from_file(tokenizer_file)
-    log = log or (lambda *a: None)
-    waves = calibration_waves or default_waves()
+    if split:
+        from fxquant.models.token_blocks import split_token_table, whisper_row_blocks
+
+        starts = whisper_row_blocks(model.dims.n_vocab, tok.eot, tok.timestamp_begin)
+        model = split_token_table(model, starts)
+        log(f"token table held as {len(starts) - 1} row blocks (rows {starts}): one format per block")
+    waves = calibration_waves or default_waves(english=BUDGET_ENGLISH if budget else 0)
     cal = whisper_calibration(model, tok, waves)
     if _packed_sweep(avg_bits):
         cal = with_packed_window(cal, model, tok, waves)
@@ -253,8 +273,9 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
     specs = [("encoder", model.encoder, [(m,) for m in cal.mels]),
              ("cross", DecoderCrossCache(model.decoder), [(a,) for a in cal.audio]),
              ("step", DecoderStep(model.decoder), step_cal)]
-    if avg_bits is not None or options.get("budget_bytes") is not None:
-        enc, cross, step = compile_jointly(_joint_parts(model, cal, specs),
+    if budget:
+        floor = {"decoder.blocks.*": {"min_bits": decoder_min_bits}} if decoder_min_bits else None
+        enc, cross, step = compile_jointly(_joint_parts(model, cal, specs, floor),
                                            avg_bits=avg_bits, target=target, log=log, **options)
     else:
         common = dict(bits=bits if bits is not None or options.get("rules") else 8, target=target, **options)
@@ -276,7 +297,7 @@ def _packed_sweep(avg_bits: float | None) -> bool:
     return avg_bits is not None and avg_bits >= ANCHORED_MIN_BITS
 
 
-def _joint_parts(model, cal: WhisperCalibration, specs) -> list:
+def _joint_parts(model, cal: WhisperCalibration, specs, decoder_rules: dict | None = None) -> list:
     """PartSpecs whose readouts turn each part's output into teacher-forced fp32 decoder logits."""
     from .joint import PartSpec
 
@@ -284,12 +305,29 @@ def _joint_parts(model, cal: WhisperCalibration, specs) -> list:
         return model.decoder.step(tokens, cross, model.decoder.empty_cache(tokens.shape[0]), torch.tensor(0))[0]
 
     enc_cal = cal.packed or cal          # the encoder's sweep measures on the packed window when there is one
+    rich = richest_text_first(cal.tokens)
     readouts = {"encoder": lambda out, i: logits(enc_cal.tokens[i], model.decoder.cross_cache(out)),
-                "cross": lambda out, i: logits(cal.tokens[i], out),
+                "cross": lambda out, i: logits(cal.tokens[rich[i]], out),
                 "step": lambda out, i: out[0]}
     own = {"encoder": [(m,) for m in cal.packed.mels]} if cal.packed is not None else {}
-    return [PartSpec(name, mod, batch_of_two(items[0]), items, readouts[name], sensitivity_inputs=own.get(name))
+    own.update({name: [items[i] for i in rich] for name, _, items in specs if name in ("cross", "step")})
+    return [PartSpec(name, mod, batch_of_two(items[0]), items, readouts[name], sensitivity_inputs=own.get(name),
+                     rules=decoder_rules if name != "encoder" else None)
             for name, mod, items in specs]
+
+
+def richest_text_first(tokens: list[torch.Tensor]) -> list[int]:
+    """Calibration item indices, most distinct transcript tokens first (ties in order): the decoder-side
+    parts (cross cache, step) measure their sensitivity on the first max_batches of these, so the KL sees
+    varied English text rather than digit strings, whose ten words cannot tell which rows of the token table
+    matter. tiny.en avg 3 bits, 186 LJ Speech clips, with the decoder floor (DECODER_MIN_BITS): 5.05 % WER
+    measured on the first four items (two English, two FSDD), 4.49 % on the four richest (English); without
+    the floor it measured the other way (5.51 % / 5.86 %): both are within the solver's noise there.
+
+    >>> richest_text_first([torch.tensor([[1, 2, 2]]), torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 5]])])
+    [1, 0, 2]
+    """
+    return sorted(range(len(tokens)), key=lambda i: (-len(set(tokens[i].flatten().tolist())), i))
 
 
 def batch_of_two(example: tuple) -> tuple:
@@ -305,15 +343,17 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     import fxquant
     from fxquant.codegen import cache_dir
 
-    from .data import calibration_recipe
+    from .data import BUDGET_ENGLISH, calibration_recipe
 
     key_src = json.dumps({"name": ckpt.name, "fingerprint": _fingerprint(ckpt), "precision":
                           precision_key(bits, avg_bits), "version": fxquant.__version__})
-    recipe = calibration_recipe()
+    recipe = calibration_recipe(english=BUDGET_ENGLISH if avg_bits is not None else 0)
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
     if _packed_sweep(avg_bits):      # anchored sweep, the encoder measured on one packed window
         key_src += f"|sweep=anchors,encoder=packed{PACK_SECONDS:g}s"
+    if avg_bits is not None:         # compile_whisper splits the token table under a budget
+        key_src += f"|table=rowblocks,centered|decoder>={DECODER_MIN_BITS}|sensitivity=richest-text"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = Path(cache) if cache else Path(cache_dir()) / "whisper"
     folder = root / f"{ckpt.name}-{precision_key(bits, avg_bits)}-{key}"

@@ -48,6 +48,7 @@ class PartSpec:
     readout: Callable[[Any, int], Any]      # (outputs, calibration index) -> logits
     max_batches: int | None = None          # calibration items per sensitivity measurement (None: the compile's)
     sensitivity_inputs: list[tuple] | None = None   # measure on these instead of the first calibration items
+    rules: dict | None = None               # this part's default rules; the compile's own rules come after (win)
 
 
 def _finish_pipeline(target: str) -> str:
@@ -74,6 +75,11 @@ def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget
         start = time.perf_counter()
         gm = capture(spec.module, spec.example)
         cfg = dict(config, sensitivity_readout=spec.readout)
+        if spec.rules:          # the part's defaults first, so that the compile's own rules win
+            given = config.get("rules") or {}
+            given = list(given.items() if isinstance(given, dict) else given)
+            mine = {p for p, _ in given}
+            cfg["rules"] = [(p, v) for p, v in spec.rules.items() if p not in mine] + given
         if spec.sensitivity_inputs:
             cfg["sensitivity_inputs"] = spec.sensitivity_inputs
         ctx = PassContext(example_inputs=spec.example, calibration=spec.calibration, config=cfg,

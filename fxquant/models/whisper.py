@@ -163,6 +163,8 @@ class TextDecoder(nn.Module):
         self.register_buffer("slots", torch.arange(n_ctx), persistent=False)  # cache slot numbers
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.token_embedding, "project"):     # a table held as row blocks (models.token_blocks)
+            return self.token_embedding.project(self.ln(x)).float()
         return torch.matmul(self.ln(x), self.token_embedding.weight.to(x.dtype).t()).float()
 
     def forward(self, tokens: torch.Tensor, audio_features: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,9 @@ RULES = [
     ("stack.default", ([_t((2, 3)), _t((2, 3))], -1)),
     ("index_select.default", (_t((5, 4, 3)), 1, torch.tensor([3, 0, 0, 1, 2]))),
     ("index_copy_.default", (_t((2, 8, 3)), 1, torch.tensor([6, 2]), _t((2, 2, 3)))),
+    ("clamp.default", (torch.tensor([[3, -1, 9]]), 0, 5)),            # the row-block token lookup's clamp
+    ("clamp.default", (_t((2, 3)), -0.5)),
+    ("clamp.default", (_t((2, 3)), None, 2)),
 ]
 
 
@@ -108,6 +111,7 @@ def test_rules_leave_unknown_dtypes_to_torch():
     assert shape_rule(aten.sqrt.default, (torch.empty(3, dtype=I64, device="meta"),), {}) is None
     mixed = [torch.empty(2, device="meta"), torch.empty(2, dtype=I64, device="meta")]
     assert SHAPE_RULES["cat.default"](mixed) is None
+    assert SHAPE_RULES["clamp.default"](torch.empty(3, dtype=I64, device="meta"), 0.5) is None   # promotes
 
 
 @pytest.mark.parametrize("name,args", [

@@ -93,6 +93,9 @@ def test_make_decision_defaults_and_fields():
         ({"re:encoder[": 4}, "invalid regular expression"),
         ({"op:matmul": 4}, "unknown op type"),
         ({"encoder.conv1": {"float": True, "bits": 4}}, "keeps the weight fp32"),
+        ({"encoder.conv1": {"min_bits": 7}}, "min_bits must be one of 2, 3, 4, 5, 6, 8"),
+        ({"encoder.conv1": {"min_bits": True}}, "min_bits must be one of"),
+        ({"encoder.conv1": {"bits": 4, "min_bits": 3}}, "pins the width, so min_bits=3 has no effect"),
     ],
 )
 def test_bad_rules_name_the_rule(rules, match):

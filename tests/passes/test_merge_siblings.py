@@ -115,3 +115,33 @@ def test_long_merged_names_are_shortened():
     cm = fxq.compile_lowbit(Many().eval(), (torch.randn(2, 16),), bits=8, target="reference")
     names = [n for n, _ in cm.graph_module.named_children() if "more" in n]
     assert names and all(len(n) <= 200 for n in names)
+
+
+class BlockTiedLM(nn.Module):
+    """A tied table held as row blocks (fxquant.models.token_blocks): each block is a lookup and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        from fxquant.models.token_blocks import RowBlockEmbedding
+
+        self.embed = RowBlockEmbedding(torch.randn(300, 64), [0, 100, 300])
+        self.mix = nn.Linear(64, 64)
+
+    def forward(self, tokens):
+        return self.embed.project(torch.relu(self.mix(self.embed(tokens))))
+
+
+def test_row_blocks_of_a_tied_table_are_not_merged(tmp_path):
+    from fxquant.ops import LowbitEmbedding
+
+    model, tokens = BlockTiedLM().eval(), torch.randint(0, 300, (2, 7))
+    cm = fxquant.compile_lowbit(model, (tokens,), bits=4, target="reference")   # one format: mergeable
+    gm = cm.graph_module
+    table = sorted(m.codes.shape[0] for m in gm.modules()
+                   if type(m) is LowbitLinear and m.codes.shape[1] == 64 and m.codes.shape[0] != 64)
+    assert table == [100, 200]                    # still two calls, each sharing its codes with its lookup
+    lookups = [m for m in gm.modules() if isinstance(m, LowbitEmbedding)]
+    linears = {m.scales.data_ptr() for m in gm.modules() if type(m) is LowbitLinear}
+    assert len(lookups) == 2 and all(m.scales.data_ptr() in linears for m in lookups)
+    loaded = fxquant.load(cm.save(tmp_path / "blocks"))
+    assert torch.equal(loaded(tokens), cm(tokens))

@@ -110,6 +110,18 @@ def test_rules_pin_nodes_under_a_budget():
     assert decisions(gm)["pb.0"].scheme == "codebook"  # a dict without bits restricts candidates
 
 
+def test_a_min_bits_rule_raises_the_floor_of_its_nodes_only():
+    gm = capture(TwoBranch().eval(), (torch.randn(32, 64),))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    groups = {ir.module_of(by_name[g.names[0]]): g
+              for g in plan(gm, {"avg_bits": 4.0, "rules": {"pb.*": {"min_bits": 4}}})}
+    widths = {name: sorted({c.weight_bits for c in g.candidates}) for name, g in groups.items()}
+    assert min(widths["pb.0"]) == 4 and min(widths["pa.0"]) == 2
+    gm, _ = compiled(TwoBranch(), torch.randn(32, 64), {"avg_bits": 3.0, "rules": {"pb.*": {"min_bits": 4}}})
+    d = decisions(gm)
+    assert d["pb.0"].weight_bits >= 4 and d["pa.0"].weight_bits <= 2    # the other branch meets the budget
+
+
 def test_measurement_never_writes_the_models_weights():
     import fxquant
 

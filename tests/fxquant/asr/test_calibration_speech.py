@@ -46,9 +46,12 @@ def test_no_audio_requested_is_an_error():
 
 
 def test_default_is_fsdd_and_english_stands_in_without_shared(shared, tmp_path, monkeypatch):
-    from fxquant.asr.data import calibration_recipe
+    from fxquant.asr.data import BUDGET_ENGLISH, calibration_recipe
 
     assert calibration_recipe() == "fsdd8"
+    assert calibration_recipe(english=BUDGET_ENGLISH) == "english8+fsdd8"          # Whisper under a budget
+    waves = calibration_waves(english=BUDGET_ENGLISH)
+    assert len(waves) == 16 and torch.equal(waves[0], cs.english_waves(1)[0])     # interleaved, English first
     monkeypatch.setenv("FXQUANT_SHARED", str(tmp_path))          # no data there
     assert calibration_recipe() == "english16"
     waves = calibration_waves()

@@ -76,7 +76,7 @@ def test_tampered_or_foreign_folders_are_refused(compiled_w8, tmp_path):
         CompiledWhisper.load(foreign)
 
 
-def test_one_budget_over_the_whole_model(small_ckpt, cal_waves):
+def test_one_budget_over_the_whole_model(small_ckpt, cal_waves, tokenizer):
     cw = compile_whisper(small_ckpt, avg_bits=4, calibration_waves=cal_waves, target="reference", max_batches=1)
     rows = [r for cm in cw.modules().values() for r in cm.report_rows()]
     assert {r["decided_by"] for r in rows} == {"budget:avg_bits=4 (whole model)"}
@@ -86,6 +86,15 @@ def test_one_budget_over_the_whole_model(small_ckpt, cal_waves):
     weighted = sum(int(r["format"].split()[0][1:]) * int(r["weight"].split("->")[0]) *
                    int(r["weight"].split("->")[1]) for r in rows)
     assert weighted / params <= 4.0 + 1e-9
+    blocks = sorted(r["module"] for r in rows if r["module"].startswith("decoder.token_embedding"))
+    assert blocks == [f"decoder.token_embedding.parts.{i}" for i in range(6)]      # a format per row block
+    dec = small_ckpt.model.decoder
+    tokens = torch.tensor([[tokenizer.sot, 11, 3000, 20000, tokenizer.eot, tokenizer.timestamp_begin + 3]])
+    cross = dec.cross_cache(torch.randn(1, 1500, dec.ln.normalized_shape[0]))
+    ref = dec.step(tokens, cross, dec.empty_cache(1), torch.tensor(0))[0]
+    got = cw.step(tokens, cross, dec.empty_cache(1), torch.tensor(0))[0]
+    shift = (got - ref).mean(-1, keepdim=True)           # the centered table moves each position's logits
+    assert torch.nn.functional.cosine_similarity((got - shift).flatten(), ref.flatten(), dim=0) > 0.95
 
 
 def test_cached_compile_loads_the_second_time(small_ckpt, cal_waves, tmp_path, monkeypatch):

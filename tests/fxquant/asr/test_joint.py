@@ -80,3 +80,33 @@ def test_full_second_moments_only_when_gptq_reads_them(monkeypatch):
     assert not asks_for_gptq({"avg_bits": 4})
     assert asks_for_gptq({"gptq": True}) and asks_for_gptq({"rules": {"op:linear": {"rounding": "gptq"}}})
     assert not asks_for_gptq({"rules": {"op:linear": {"bits": 8}}})
+
+
+def test_decoder_side_parts_measure_on_the_richest_transcripts_first():
+    from fxquant.asr.compiled import WhisperCalibration, _joint_parts
+
+    digits = torch.tensor([[1, 5, 5, 5, 5]])
+    english = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    cal = WhisperCalibration(mels=[torch.zeros(1, 2, 3)] * 2, audio=[torch.zeros(1, 4, 2), torch.ones(1, 4, 2)],
+                             cross=[torch.zeros(1)] * 2, tokens=[digits, english])
+    specs = [("encoder", None, [("mel0",), ("mel1",)]), ("cross", None, [("a0",), ("a1",)]),
+             ("step", None, [("s0",), ("s1",)])]
+    parts = {p.name: p for p in _joint_parts(None, cal, specs)}
+    assert parts["step"].sensitivity_inputs == [("s1",), ("s0",)]          # the English window first
+    assert parts["cross"].sensitivity_inputs == [("a1",), ("a0",)]
+    assert parts["encoder"].sensitivity_inputs is None                     # no packed window: its own items
+    assert parts["step"].calibration == [("s0",), ("s1",)]                 # calibration keeps every item
+
+
+def test_a_parts_default_rules_yield_to_the_compiles_own():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    items = [(torch.randn(4, 16),) for _ in range(2)]
+    part = PartSpec("p", mlp, items[0], items, lambda out, i: out, rules={"*": {"min_bits": 5}})
+    cm, = compile_jointly([part], avg_bits=5, target="reference")
+    assert {r["format"].split()[0] for r in cm.report_rows()} == {"W5"}     # floor 5 at an average of 5
+    free, = compile_jointly([PartSpec("p", mlp, items[0], items, lambda out, i: out)], avg_bits=5,
+                            target="reference")
+    assert [r["format"].split()[0] for r in free.report_rows()] == ["W4", "W6"]   # measured without it
+    own, = compile_jointly([part], avg_bits=5, target="reference", rules={"*": 8, "0": 2})
+    assert [r["format"].split()[0] for r in own.report_rows()] == ["W2", "W8"]   # same pattern: the compile's
