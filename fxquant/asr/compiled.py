@@ -254,14 +254,15 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
     log = log or (lambda *a: None)
     budget = avg_bits is not None or options.get("budget_bytes") is not None
     split = split_table if split_table is not None else budget
-    model = centered_token_table(ckpt.model) if (split if center_table is None else center_table) else ckpt.model
+    centered = split if center_table is None else center_table
+    model = centered_token_table(ckpt.model) if centered else ckpt.model
     tokenizer_file = ckpt.directory / "tokenizer.json"
     tok = WhisperTokenizer.from_file(tokenizer_file)
     if split:
         from fxquant.models.token_blocks import split_token_table, whisper_row_blocks
 
         starts = whisper_row_blocks(model.dims.n_vocab, tok.eot, tok.timestamp_begin)
-        model = split_token_table(model, starts)
+        model = split_token_table(model, starts, copy_model=not centered)   # a centered model is a copy already
         log(f"token table held as {len(starts) - 1} row blocks (rows {starts}): one format per block")
     waves = calibration_waves or default_waves(english=BUDGET_ENGLISH if budget else 0)
     cal = whisper_calibration(model, tok, waves)

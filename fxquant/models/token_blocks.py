@@ -84,9 +84,10 @@ def whisper_row_blocks(n_vocab: int, eot: int, timestamp_begin: int,
     return sorted({0, *cuts, eot, timestamp_begin, n_vocab})
 
 
-def split_token_table(model, starts: Sequence[int]):
-    """A copy of a Whisper whose decoder token table is a RowBlockEmbedding (the caller's model is unchanged)."""
-    out = copy.deepcopy(model)
+def split_token_table(model, starts: Sequence[int], copy_model: bool = True):
+    """A copy of a Whisper whose decoder token table is a RowBlockEmbedding (the caller's model is unchanged;
+    copy_model=False changes a model that is already the caller's own copy in place and returns it)."""
+    out = copy.deepcopy(model) if copy_model else model
     dec = out.decoder
     dec.token_embedding = RowBlockEmbedding(dec.token_embedding.weight, starts)
     return out

@@ -53,6 +53,9 @@ def test_split_model_decodes_the_same_and_leaves_the_original():
         a, b = (m.decoder.step(tokens, m.decoder.cross_cache(audio), m.decoder.empty_cache(2), torch.tensor(0))[0]
                 for m in (model, split))
     assert torch.allclose(a, b, atol=1e-5) and a.shape == (2, 2, 600)
+    own = whisper_random(DIMS, seed=1)
+    assert split_token_table(own, STARTS, copy_model=False) is own          # a private copy changes in place
+    assert isinstance(own.decoder.token_embedding, RowBlockEmbedding)
 
 
 def test_a_budget_gives_each_block_its_own_format_and_one_packed_copy():
