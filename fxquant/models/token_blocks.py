@@ -9,11 +9,11 @@ by the lookup and by `project` (the logits: one matmul per block, concatenated i
 sees one tied (embedding, linear) pair per block and the budget solver picks a format per block.
 The outputs are bit-identical to the single table's.
 
-Measured with fake-quantized weights (benchmarks/STUDY-whisper-3bit.md protocol: 60 held-out LJ Speech
-clips, greedy, only the table quantized, centered): 3-bit codebooks on every row +0.56 WER points at
-3 code bits; rows 0-8191 at 4 bits and the rest at 2 bits +0.75 at 2.32 code bits; 2 bits on every row
-+297 (loops). Choosing the 8192 rows by calibration-data importance instead of by id gave +1.96
-(516 calibration positions do not cover the scoring vocabulary).
+Fake-quantized weights (benchmarks/STUDY-whisper-3bit.md protocol: 60 held-out LJ Speech clips, greedy,
+only the table quantized, centered): the study's rows give 3-bit codebooks on every row +0.56 WER points
+and 2-bit codebooks on every row +297 (loops); rows 0-8191 at 4 bits and the rest at 2 bits measured
++0.75 at 2.32 code bits, and choosing those 8192 rows by calibration-data importance instead of by id
++1.96 (516 calibration positions do not cover the scoring vocabulary).
 
 Example:
     >>> emb = torch.nn.Embedding(10, 4)
