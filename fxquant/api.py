@@ -27,7 +27,7 @@ from .memory import trim_heap
 from .passmanager import PassManager
 from .pipeline import Pipeline
 from .registry import PassContext
-from .rules import asks_for_gptq
+from .rules import MIN_BITS_CHOICES, asks_for_gptq
 from .runtime import CompiledModule, CompiledSubmodules, tensor_bytes, unquantized_weight_warning
 
 HYGIENE = "cleanup,fold-bn,const-fold,linearize,propagate-shapes"
@@ -217,7 +217,8 @@ OPTION_CHECKS = {
     "group_size": (_positive_int, "a positive integer (e.g. 32, 64, 128)"),
     "act_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
     "kv_bits": (lambda v: v in (8, None) and not isinstance(v, bool), "8 or None"),
-    "min_bits": (lambda v: v in (2, 3, 4, 5, 6, 8) and not isinstance(v, bool), "one of 2, 3, 4, 5, 6, 8"),
+    "min_bits": (lambda v: v in MIN_BITS_CHOICES and not isinstance(v, bool),
+                 "one of " + ", ".join(map(str, MIN_BITS_CHOICES))),
     "act_mode": (lambda v: v in ("dynamic", "static"), "'dynamic' or 'static'"),
     "symmetric": (_is_bool, "True or False"),
     "gptq": (_is_bool, "True or False"),

@@ -42,6 +42,7 @@ KINDS = ("exact", "regex", "glob", "op")          # highest precedence first
 OP_TYPES = ("linear", "conv1d", "conv2d", "conv", "depthwise")
 KEYS = ("bits", "scheme", "group", "granularity", "symmetric", "act_bits", "act_mode", "rounding", "float",
         "min_bits")
+MIN_BITS_CHOICES = (2, 3, 4, 5, 6, 8)   # the widths a budget may floor at (compile_lowbit and rules)
 DEFAULT_SCHEME = "uniform"   # widths a global scheme has no candidate for fall back to this format
 
 
@@ -116,8 +117,9 @@ def normalise_value(pattern: str, value: Any) -> dict:
         )
     if "min_bits" in v:
         m = v["min_bits"]
-        if isinstance(m, bool) or m not in (2, 3, 4, 5, 6, 8):
-            raise ConfigError(f"{where}: min_bits must be one of 2, 3, 4, 5, 6, 8, got {m!r}")
+        if isinstance(m, bool) or m not in MIN_BITS_CHOICES:
+            choices = ", ".join(map(str, MIN_BITS_CHOICES))
+            raise ConfigError(f"{where}: min_bits must be one of {choices}, got {m!r}")
         if "bits" in v:
             raise ConfigError(f"{where}: bits={bits} pins the width, so min_bits={m} has no effect; give one")
     if "scheme" in v and v["scheme"] not in quantized_formats():

@@ -247,7 +247,7 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
     from fxquant.models.whisper import DecoderCrossCache, DecoderStep
     from fxquant.models.whisper_text import WhisperTokenizer
 
-    from .data import BUDGET_ENGLISH, calibration_waves as default_waves
+    from .data import budget_english, calibration_waves as default_waves
     from .joint import compile_jointly          # torch.export and the pass manager: only when compiling
 
     start = time.perf_counter()
@@ -264,7 +264,7 @@ def compile_whisper(ckpt, bits: int | None = None, avg_bits: float | None = None
         starts = whisper_row_blocks(model.dims.n_vocab, tok.eot, tok.timestamp_begin)
         model = split_token_table(model, starts, copy_model=not centered)   # a centered model is a copy already
         log(f"token table held as {len(starts) - 1} row blocks (rows {starts}): one format per block")
-    waves = calibration_waves or default_waves(english=BUDGET_ENGLISH if budget else 0)
+    waves = calibration_waves or default_waves(english=budget_english(budget))
     cal = whisper_calibration(model, tok, waves)
     if _packed_sweep(avg_bits):
         cal = with_packed_window(cal, model, tok, waves)
@@ -344,11 +344,11 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
     import fxquant
     from fxquant.codegen import cache_dir
 
-    from .data import BUDGET_ENGLISH, calibration_recipe
+    from .data import budget_english, calibration_recipe
 
     key_src = json.dumps({"name": ckpt.name, "fingerprint": _fingerprint(ckpt), "precision":
                           precision_key(bits, avg_bits), "version": fxquant.__version__})
-    recipe = calibration_recipe(english=BUDGET_ENGLISH if avg_bits is not None else 0)
+    recipe = calibration_recipe(english=budget_english(avg_bits is not None))
     if recipe != "fsdd8":            # the default calibration keeps the key of artifacts compiled before
         key_src += recipe
     if _packed_sweep(avg_bits):      # anchored sweep, the encoder measured on one packed window

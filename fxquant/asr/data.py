@@ -78,6 +78,11 @@ FALLBACK_ENGLISH = 16      # shipped English clips used when ../shared (FSDD) is
 BUDGET_ENGLISH = 8         # shipped English clips beside the FSDD sentences when compiling under a budget
 
 
+def budget_english(budgeted: bool) -> int:
+    """English clips a Whisper compile adds to its calibration: BUDGET_ENGLISH under a budget, else none."""
+    return BUDGET_ENGLISH if budgeted else 0
+
+
 def _calibration_counts(n: int, english: int) -> tuple[int, int]:
     """(English clips, FSDD sentences) that calibration_waves(n, english=english) uses on this machine."""
     if not fsdd_available("train"):

@@ -49,11 +49,6 @@ class RowBlockEmbedding(nn.Module):
         self.parts = nn.ModuleList(nn.Embedding.from_pretrained(weight.detach()[a:b].clone(), freeze=True)
                                    for a, b in zip(starts, starts[1:]))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The whole table (a new tensor), for readers that expect nn.Embedding."""
-        return torch.cat([p.weight for p in self.parts])
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = None
         for part, a, b in zip(self.parts, self.starts, self.starts[1:]):
