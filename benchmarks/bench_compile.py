@@ -12,8 +12,9 @@ Parts (--parts, default all):
      and resident growth (VmRSS after the call - VmRSS before the load) vs the packed weight bytes.
   c  `fxquant compile MODEL --avg-bits 4 --out D`: wall time and peak RSS of the whole process, per --models.
   d  `fxquant transcribe F --artifact D`: one LJ Speech file, whole process (start-up, load, transcribe).
-  e  peak RSS (the child's ru_maxrss) of `fxquant transcribe F1..FN --artifact D` vs CTranslate2 int8 on the
-     same files and checkpoint (benchmarks/bench_transcribe.py's CT2_SCRIPT: numpy features, no torch).
+  e  peak RSS (the child's ru_maxrss) of `fxquant transcribe F1..FN --artifact D --batch-size B` vs CTranslate2
+     int8 on the same files and checkpoint at the same batch size, B = 8 and 1 (benchmarks/bench_transcribe.py's
+     CT2_SCRIPT: numpy features, no torch).
 Every child runs at --threads (torch.set_num_threads / OMP_NUM_THREADS / intra_threads). Medians over --rounds
 fresh processes. Writes benchmarks/COMPILE.md and COMPILE.json (goal / measured / met, load averages).
 """
@@ -152,9 +153,10 @@ class Runner:
 
         from fxquant.models.whisper_ckpt import resolve_model_dir
 
-        cmds = {"fxquant (artifact, batch 8)": [*self.fxq, "transcribe", *files, "--artifact", artifact,
-                                                "--format", "tsv"]}
+        cmds = {}
         for batch in (8, 1):
+            cmds[f"fxquant (artifact, batch {batch})"] = [*self.fxq, "transcribe", *files, "--artifact", artifact,
+                                                          "--format", "tsv", "--batch-size", str(batch)]
             cmds[f"ct2-int8 (batch {batch})"] = [sys.executable, "-c", CT2_SCRIPT, str(self.args.threads), str(batch),
                                                  str(resolve_model_dir(model)), *files]
         out = {}
@@ -213,12 +215,12 @@ def main(args) -> None:
                      f"{s:.2f} (peak RSS {med(r['peak_rss_mib']):.0f} MiB)", s <= 5, load_of("transcribe one")])
     if "e" in parts:
         r = run.block("peak rss", lambda: run.peak_rss(artifact, models[0], lj))
-        ours, ct2 = r["fxquant (artifact, batch 8)"], r["ct2-int8 (batch 8)"]
-        rows.append(["e", f"peak RSS transcribing {len(lj)} LJ files, MiB (fxquant batch 8)",
-                     f"<= CT2 int8 batch 8 ({ct2['peak_rss_mib']:.0f}; batch 1: "
-                     f"{r['ct2-int8 (batch 1)']['peak_rss_mib']:.0f})", f"{ours['peak_rss_mib']:.0f} "
-                     f"({ours['seconds']:.1f} s; CT2 {ct2['seconds']:.1f} s)",
-                     ours["peak_rss_mib"] <= ct2["peak_rss_mib"], load_of("peak rss")])
+        for batch in (8, 1):
+            ours, ct2 = r[f"fxquant (artifact, batch {batch})"], r[f"ct2-int8 (batch {batch})"]
+            rows.append(["e", f"peak RSS transcribing {len(lj)} LJ files, MiB, batch {batch}",
+                         f"<= CT2 int8 batch {batch} ({ct2['peak_rss_mib']:.0f})", f"{ours['peak_rss_mib']:.0f} "
+                         f"({ours['seconds']:.1f} s; CT2 {ct2['seconds']:.1f} s)",
+                         ours["peak_rss_mib"] <= ct2["peak_rss_mib"], load_of("peak rss")])
     table = tabulate([[*r[:4], "yes" if r[4] else "no", r[5]] for r in rows],
                      ["part", "figure", "goal", "measured", "met", "load"], tablefmt="github")
     span = harness.Condition(args.threads, False, run.conditions[0].load_before, run.conditions[-1].load_after,

@@ -107,7 +107,7 @@ class AttentionKernel(_Kernel):
     def quantize_rows(self):
         """int8 key / value kernels: the per-row quantizer that makes their inputs (codegen.kv_quant, the same
         target, built on first use); None for float32 ones. FusedAttention converts constant keys / values
-        with it, bit for bit what its torch path (fxquant.ops.kv_int8_per_row) gives."""
+        with it, bit for bit what its torch path (fxquant.kv_rows.kv_int8_per_row) gives."""
         if self._kv is not _I8:
             return None
         quant = self.__dict__.get("_quantizer")

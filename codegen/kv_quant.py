@@ -1,6 +1,7 @@
 """Per-row int8 quantization of attention keys / values as one generated C kernel (templates/kv_quant.c.j2).
 
-`row_quantizer(target)(t)` returns what `fxquant.ops.kv_int8_per_row(t)` returns, bit for bit (NaN, inf and
+`row_quantizer(target)(t)` returns what `fxquant.kv_rows.kv_int8_per_row(t)` returns, bit for bit (NaN, inf
+and
 zero rows too), for a float32 [B, H, L, D] tensor whose last axis has unit stride (strided views such as a
 slice of Whisper's cross-attention cache included): int8 rows and float32 [B, H, L, 1] scales, both
 contiguous. One pass over each row on the thread pool, instead of torch's six passes over the tensor: the
@@ -9,7 +10,7 @@ took 12 ms instead of 37 ms (2 threads, busy machine).
 
 Example:
     >>> import torch
-    >>> from fxquant.ops import kv_int8_per_row
+    >>> from fxquant.kv_rows import kv_int8_per_row
     >>> quant = row_quantizer("portable")                                        # doctest: +SKIP
     >>> t = torch.randn(2, 3, 5, 8)
     >>> all(torch.equal(a, b) for a, b in zip(quant(t), kv_int8_per_row(t)))     # doctest: +SKIP
@@ -42,7 +43,9 @@ class RowQuantizer(_Kernel):
         self._fn.argtypes = [_VP, _VP, _VP, _VP, _INT]
         self._fn.restype = None
 
-    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """out: contiguous int8 [B, H, L, D] and float32 [B, H, L, 1] tensors to write into (else new)."""
         if not self.runnable:
             self._check()
         if not isinstance(t, torch.Tensor) or t.dtype is not torch.float32 or t.dim() != 4:
@@ -53,8 +56,16 @@ class RowQuantizer(_Kernel):
         if t.stride(3) != 1 and t.shape[3] > 1:
             t = t.contiguous()
         b, h, rows, d = t.shape
-        q = torch.empty((b, h, rows, d), dtype=torch.int8)
-        s = torch.empty((b, h, rows, 1), dtype=torch.float32)
+        if out is None:
+            q = torch.empty((b, h, rows, d), dtype=torch.int8)
+            s = torch.empty((b, h, rows, 1), dtype=torch.float32)
+        else:
+            q, s = out
+            want = (torch.int8, torch.float32, (b, h, rows, d), (b, h, rows, 1))
+            if (q.dtype, s.dtype, tuple(q.shape), tuple(s.shape)) != want \
+                    or not (q.is_contiguous() and s.is_contiguous()):
+                raise ValueError(f"{self.name}: out must be contiguous int8 {[b, h, rows, d]} and float32 "
+                                 f"{[b, h, rows, 1]} tensors")
         if q.numel():
             sb, sh, sl = t.stride(0), t.stride(1), t.stride(2)
             dims = (ctypes.c_int64 * 7)(b, h, rows, d, sb, sh, sl)

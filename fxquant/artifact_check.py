@@ -101,10 +101,20 @@ def _embedding(node, mod: LowbitEmbedding, args, kwargs):
 
 
 def _attention(node, mod: FusedAttention, args, kwargs):
-    if not 3 <= len(args) <= 4 or kwargs:
-        raise _bad(node, "attention takes (q, k, v, mask=None)")
+    if not 3 <= len(args) <= 6 or kwargs:
+        raise _bad(node, "attention takes (q, k, v, mask=None, key_scale=None, value_scale=None)")
     q, k, v = (_tensor_arg(node, a, "q/k/v") for a in args[:3])
-    mask = args[3] if len(args) == 4 else None
+    mask = args[3] if len(args) >= 4 else None
+    for t, s in zip((k, v), (*args[4:], None, None)):   # int8 keys/values of an int8-rows input, and scales
+        if s is None and not t.is_floating_point():
+            raise _bad(node, f"keys/values of dtype {t.dtype} come without scales")
+        if s is not None:
+            s = _tensor_arg(node, s, "key/value scales")
+            if not mod.kv_int8 or t.dtype != torch.int8 or s.dtype != torch.float32 \
+                    or tuple(s.shape) != (*t.shape[:-1], 1):
+                want = (*t.shape[:-1], 1)
+                raise _bad(node, f"int8 keys/values {tuple(t.shape)} need float32 scales {want} "
+                                 f"on an int8-K/V op, got {s.dtype} {tuple(s.shape)}")
     if (
         q.shape[-1] != mod.head_dim
         or k.shape[-1] != mod.head_dim

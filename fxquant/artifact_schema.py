@@ -314,13 +314,18 @@ def node_meta(value: Any, where: str) -> dict:
 
 
 # ------------------------------------------------------------------------------- call-time inputs
+INPUT_FORMATS = ("int8-rows", "row-scales")
+
+
 def input_specs(value: Any, where: str) -> list[dict]:
-    """Per input: {"name", "kind": "tensor", "dtype", "shape": [int | None]} or {"name", "kind": "none"}."""
+    """Per input: {"name", "kind": "tensor", "dtype", "shape": [int | None], "format"?} or {"name", "kind":
+    "none"}; format (pass int8-kv-inputs) marks the codes / scales of an input taken as int8 rows."""
     out = []
     for i, spec in enumerate(want_list(value, where, 4096)):
         w = f"{where}[{i}]"
         kind = want_enum(
-            want_dict(spec, w, required=("name", "kind"), optional=("dtype", "shape", "example"))["kind"],
+            want_dict(spec, w, required=("name", "kind"),
+                      optional=("dtype", "shape", "example", "format"))["kind"],
             ("tensor", "none", "int", "float", "bool", "any"),
             f"{w}.kind",
         )
@@ -332,5 +337,23 @@ def input_specs(value: Any, where: str) -> list[dict]:
                 None if d is None else want_int(d, f"{w}.shape[{j}]", 0, MAX_DIM - 1)
                 for j, d in enumerate(dims)
             )
+            if spec.get("format") is not None:   # an int8-kv-inputs pair: (codes, scales) of one input
+                item["format"] = want_enum(spec["format"], INPUT_FORMATS, f"{w}.format")
         out.append(item)
+    _check_row_pairs(out, where)
     return out
+
+
+def _check_row_pairs(items: list[dict], where: str) -> None:
+    """An int8-rows input is int8, followed by its float32 row-scales input: same rank, last size 1."""
+    for i, item in enumerate(items):
+        fmt = item.get("format")
+        if fmt == "int8-rows":
+            nxt = items[i + 1] if i + 1 < len(items) else {}
+            if item["dtype"] != torch.int8 or nxt.get("format") != "row-scales" \
+                    or nxt["dtype"] != torch.float32 \
+                    or len(nxt["shape"]) != len(item["shape"]) or nxt["shape"][-1:] != (1,):
+                raise fail(f"{where}[{i}]", "an int8-rows input must be int8 and be followed by its float32 "
+                                            "row-scales input of the same rank with last size 1")
+        elif fmt == "row-scales" and (i == 0 or items[i - 1].get("format") != "int8-rows"):
+            raise fail(f"{where}[{i}]", "a row-scales input must follow its int8-rows input")

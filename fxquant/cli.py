@@ -164,6 +164,10 @@ def cmd_transcribe(args) -> int:
 
     if args.model != "digits" and (args.artifact is None or is_whisper(args.artifact)):
         return cmd_transcribe_whisper(args)
+    if args.batch_size is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("--batch-size applies to Whisper; the digit recognizer reads one file at a time")
     model = fxquant.load(args.artifact) if args.artifact else dg.load_digits_model()
     config = dg.load_digits_model().config if args.artifact else model.config
     for path in args.audio:
@@ -237,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("txt", "tsv", "json"),
         help="txt: one text per line; tsv: path<TAB>text; json: a list of objects",
     )
+    p.add_argument("--batch-size", type=int, help="30 s windows decoded together (Whisper; default 8): "
+                                                  "1 needs the least memory, 8 is about twice as fast")
     p.set_defaults(fn=cmd_transcribe)
     p = sub.add_parser(
         "demo", help="compile Whisper tiny.en to low bits and transcribe real speech vs its peers"

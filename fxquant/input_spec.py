@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from . import ir
 from .errors import InputError
 
 _FAMILIES: dict[torch.dtype, str] = {}
@@ -63,6 +64,28 @@ class InputSpec:
         args_spec = in_spec.child(0) if in_spec is not None and in_spec.num_children == 2 else None
         self.n_args = args_spec.num_children if args_spec is not None else len(self.items)
         self._flat = args_spec is None or all(c.is_leaf() for c in args_spec.children())
+        self.row_inputs = self._row_inputs(args_spec)
+
+    def _row_inputs(self, args_spec) -> dict[int, str]:
+        """{argument position: name} of inputs taken as (int8 codes, scales) pairs (pass int8-kv-inputs)."""
+        out, leaf = {}, 0
+        for pos, child in enumerate(args_spec.children() if args_spec is not None else ()):
+            item = self.items[leaf] if leaf < len(self.items) else {}
+            if child.num_leaves == 2 and item.get("format") == "int8-rows":
+                out[pos] = item["name"].removesuffix("_int8")
+            leaf += child.num_leaves
+        return out
+
+    def adapt(self, args: tuple, convert) -> tuple:
+        """`args` with a float tensor given for an int8-rows input replaced by convert(position, tensor), the
+        (codes, scales) pair (CompiledModule passes a fxquant.kv_rows.RowsMemo's get)."""
+        if not self.row_inputs:
+            return args
+        out = list(args)
+        for pos in self.row_inputs:
+            if pos < len(out) and isinstance(out[pos], torch.Tensor) and out[pos].is_floating_point():
+                out[pos] = convert(pos, out[pos])
+        return tuple(out)
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule) -> "InputSpec":
@@ -77,6 +100,8 @@ class InputSpec:
             if isinstance(val, torch.Tensor):
                 shape = tuple(int(d) if is_concrete_int(d) else None for d in val.shape)
                 items.append({"name": node.target, "kind": "tensor", "dtype": val.dtype, "shape": shape})
+                if node.meta.get(ir.INPUT_FORMAT):
+                    items[-1]["format"] = node.meta[ir.INPUT_FORMAT]
             elif val is None and "val" in node.meta:
                 items.append({"name": node.target, "kind": "none"})
             elif isinstance(val, (bool, int, float)):
@@ -109,6 +134,7 @@ class InputSpec:
         else:
             leaves, spec = pytree.tree_flatten((tuple(args), {}))
             if spec != self.in_spec:
+                self._check_rows(args)
                 raise InputError(
                     f"the inputs' structure {spec} differs from the one the module was compiled for "
                     f"{self.in_spec}"
@@ -130,6 +156,17 @@ class InputSpec:
                 or _family(value.dtype) != family
             ):
                 self._check_one(item, value)  # says what is wrong (a Tensor subclass may pass there)
+
+    def _check_rows(self, args: tuple) -> None:
+        """Raise the InputError that says what an int8-rows input takes, when one was given something else."""
+        for pos, name in self.row_inputs.items():
+            value = args[pos]
+            if not (isinstance(value, tuple) and len(value) == 2) and not isinstance(value, torch.Tensor):
+                raise InputError(
+                    f"input {name!r} takes per-row int8 keys/values: a float tensor, or the pair "
+                    f"(codes, scales) "
+                    f"from fxquant.kv_rows.quantize_rows; got {type(value).__name__}"
+                )
 
     @staticmethod
     def _check_one(item: dict, value: Any) -> None:

@@ -20,6 +20,7 @@ PROVENANCE         tuple[str, ...]             every pass that created or change
 ACT_STATS          dict                        calibration observers
 SENSITIVITY        dict[str, float]            sensitivity: candidate format label -> output error
 QUANT_STATS        dict                        quantize: {"bytes", "fp32_bytes", "sqnr_db", "params"}
+INPUT_FORMAT       str  ("int8-rows")          int8-kv-inputs: a placeholder's codes / "row-scales"
 =================  ==========================  ======================================================
 
 Example:
@@ -46,6 +47,7 @@ PROVENANCE = "fxq_provenance"
 ACT_STATS = "fxq_act_stats"
 SENSITIVITY = "fxq_sensitivity"
 QUANT_STATS = "fxq_quant_stats"
+INPUT_FORMAT = "fxq_input_format"
 ALL_KEYS = (
     MODULE,
     MODULE_TYPE,
@@ -57,6 +59,7 @@ ALL_KEYS = (
     ACT_STATS,
     SENSITIVITY,
     QUANT_STATS,
+    INPUT_FORMAT,
 )
 
 aten = torch.ops.aten

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graphutil import conv_output_size
+from .kv_rows import RowsMemo, kv_int8_per_row  # noqa: F401 - kv_int8_per_row: re-exported
 from .qweight import (PackedCodes, QuantizedWeight, dequantize, format_bytes, quantize_activation_per_row,
                       reference_linear)
 
@@ -319,26 +320,6 @@ class LowbitEmbedding(_QWeightStore):
         return f"{n} x {k}, bits={self.bits}, {self.scheme}/{self.granularity}, group={self.group_size}"
 
 
-def kv_int8_per_row(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_activation_per_row(t)` bit for bit (NaN, inf and zero rows too) in fewer passes over `t`:
-    one min/max pass instead of abs + max, rounding and clamping in place (Whisper's cross K/V, per batch).
-
-    Example:
-        >>> t = torch.randn(2, 3, 5, 8)
-        >>> all(torch.equal(a, b) for a, b in zip(kv_int8_per_row(t), quantize_activation_per_row(t)))
-        True
-    """
-    x = t if t.dtype == torch.float32 else t.float()
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)   # (torch.aminmax here: 15x slower)
-    absmax = torch.maximum(hi, lo.neg())
-    nonzero = absmax > 0
-    safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
-    q = torch.mul(x, torch.tensor(127.0, dtype=torch.float32) / safe)
-    q.round_().clamp_(-127, 127)
-    scale = torch.where(nonzero, absmax / 127.0, torch.ones_like(absmax))
-    return q.to(torch.int8), torch.where(torch.isnan(absmax), absmax, scale)
-
-
 class FusedAttention(LoweredOp):
     """scaled_dot_product_attention(q, k, v, mask) as one op; a generated C kernel serves decode shapes.
 
@@ -348,9 +329,11 @@ class FusedAttention(LoweredOp):
 
     kv_int8=True (set by lower-attention for keys/values that are unmodified graph inputs, such as
     Whisper's cross-attention cache): keys and values are used as per-row int8
-    (`quantize_activation_per_row`), converted once and reused while the same input tensor comes
+    (`fxquant.kv_rows.quantize_rows`), converted once and reused while the same input tensor comes
     back unmodified (same tensor object, same version counter), so each decode step reads a
-    quarter of the bytes. The reference path applies the same rounding.
+    quarter of the bytes. The reference path applies the same rounding. When the graph input itself
+    is taken as int8 rows (pass int8-kv-inputs), the call passes the codes as k / v and their scales
+    as key_scale / value_scale, and nothing is converted here.
 
     Example:
         >>> att = FusedAttention(head_dim=8)
@@ -365,24 +348,29 @@ class FusedAttention(LoweredOp):
         self.kv_int8 = kv_int8
         self.kernel: Callable[..., torch.Tensor] | None = None  # set by codegen
         self.backend = "reference"
-        self._kv_memo: dict[str, tuple] = {}
+        self._kv_memo = RowsMemo()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                key_scale: torch.Tensor | None = None,
+                value_scale: torch.Tensor | None = None) -> torch.Tensor:
         use_kernel = (self.kernel is not None and q.shape[-2] <= self.max_query_rows
                       and q.dtype == torch.float32)
         if not self.kv_int8:
+            if key_scale is not None or value_scale is not None:
+                raise ValueError("key_scale / value_scale are for an op with int8 keys/values (kv_int8)")
             if use_kernel:
                 return self.kernel(q, k, v, mask, self.scale)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        (kq, ks), (vq, vs) = self._int8("k", k), self._int8("v", v)
+        (kq, ks), (vq, vs) = self._int8("k", k, key_scale), self._int8("v", v, value_scale)
         if use_kernel:
             return self.kernel(q, kq, vq, mask, self.scale, key_scale=ks, value_scale=vs)
         return self._sdpa_int8(q, (kq, ks), (vq, vs), mask)
 
-    def reference(self, q, k, v, mask=None) -> torch.Tensor:
+    def reference(self, q, k, v, mask=None, key_scale=None, value_scale=None) -> torch.Tensor:
         if self.kv_int8:
-            return self._sdpa_int8(q, quantize_activation_per_row(k), quantize_activation_per_row(v), mask)
+            k8 = (k, key_scale) if key_scale is not None else quantize_activation_per_row(k)
+            v8 = (v, value_scale) if value_scale is not None else quantize_activation_per_row(v)
+            return self._sdpa_int8(q, k8, v8, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _sdpa_int8(self, q, k8: tuple, v8: tuple, mask) -> torch.Tensor:
@@ -390,27 +378,25 @@ class FusedAttention(LoweredOp):
         k, v = ((t.float() * s).to(q.dtype) for t, s in (k8, v8))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
-    def _int8(self, slot: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row int8 copy of `t`, reused while the same unmodified tensor (or view of it) comes back."""
-        base = t._base if t._base is not None else t
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
-        memo = self.__dict__.setdefault("_kv_memo", {})  # artifacts rebuild ops without __init__
-        hit = memo.get(slot)
-        if hit is not None and hit[0]() is base and hit[1] == key:
-            return hit[2]
-        quant = getattr(self.kernel, "quantize_rows", None)  # a kv-int8 C kernel's own quantizer: same bits
-        fast = quant is not None and t.dtype == torch.float32 and t.dim() == 4
-        packed = quant(t) if fast else kv_int8_per_row(t)
-        memo[slot] = (weakref.ref(base), key, packed)  # one assignment: safe across threads
-        return packed
+    def _int8(self, slot: str, t: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+        """(codes, scales): the caller's when it passed scales, else the memoized per-row int8 copy of `t`."""
+        if scale is not None:
+            if t.dtype != torch.int8:
+                raise ValueError(f"attention {slot} given with a scale must be int8 codes, got {t.dtype}")
+            return t, scale
+        memo = self.__dict__.get("_kv_memo")
+        if not isinstance(memo, RowsMemo):  # artifacts rebuild ops without __init__
+            memo = self.__dict__["_kv_memo"] = RowsMemo()
+        memo.quantizer = getattr(self.kernel, "quantize_rows", None)  # a kv-int8 C kernel's own: same bits
+        return memo.get(slot, t)
 
     def forget_constant_kv(self) -> None:
         """Drop the int8 copies of the last keys / values (else they outlive them: 37 MiB for 8 windows)."""
-        self.__dict__["_kv_memo"] = {}
+        self.__dict__["_kv_memo"] = RowsMemo()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_kv_memo"] = {}
+        state["_kv_memo"] = RowsMemo()
         return state
 
     def extra_repr(self) -> str:

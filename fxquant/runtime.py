@@ -264,6 +264,8 @@ class CompiledModule(nn.Module):
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args, kwargs = tuple(bound.arguments.values()), {}
+        if self.input_spec.row_inputs:    # float keys/values given for an int8-rows input: converted once
+            args = self.input_spec.adapt(args, self._rows_memo().get)
         self.input_spec.check(args)
         if torch.get_num_threads() > 1 and self.kernels_own_threads():
             from .codegen.threadpool import pool_owns_threads
@@ -285,6 +287,35 @@ class CompiledModule(nn.Module):
             owns = total > 0 and in_kernels >= KERNEL_SHARE_FOR_POOL * total
             self.__dict__["_kernels_own_threads"] = owns
         return owns
+
+    def int8_rows(self, t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(codes, scales) of float keys/values for an input this module takes as int8 rows (pass
+        int8-kv-inputs; `self.input_spec.row_inputs` names them), with this module's own quantizer; `out`:
+        tensors to write into (fxquant.kv_rows.quantize_rows). Converting once and passing the pair saves
+        the float copy (a decode loop: the cross-attention cache).
+
+        Example:
+            >>> codes, scales = cm.int8_rows(cross)                       # doctest: +SKIP
+            >>> logits, cache = cm(tokens, (codes, scales), cache, offset)  # doctest: +SKIP
+        """
+        from .kv_rows import quantize_rows
+
+        return quantize_rows(t, self._rows_memo().quantizer, out)
+
+    def _rows_memo(self):
+        memo = self.__dict__.get("_rows")
+        if memo is None:
+            from .kv_rows import RowsMemo
+            from .ops import FusedAttention
+
+            quant = next((q for m in self.graph_module.modules() if isinstance(m, FusedAttention)
+                          for q in [getattr(m.kernel, "quantize_rows", None)] if q is not None), None)
+            memo = self.__dict__["_rows"] = RowsMemo(quant)
+        return memo
+
+    def forget_inputs(self) -> None:
+        """Drop the int8 conversions kept of float inputs (they would outlive the tensors they came from)."""
+        self.__dict__.pop("_rows", None)
 
     def _run_graph(self, args: tuple):
         try:
@@ -325,6 +356,8 @@ class CompiledModule(nn.Module):
             from .profiling import profile as run_profile, render_profile
 
             inputs = inputs if inputs is not None else self.example_inputs
+            if inputs is not None and self.input_spec.row_inputs:
+                inputs = self.input_spec.adapt(tuple(inputs), self._rows_memo().get)
             if inputs is None:
                 raise TypeError(
                     "report(profile=True) needs inputs=(...) for a module loaded from an artifact"

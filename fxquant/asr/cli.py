@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -84,7 +85,11 @@ def _transcribe(args) -> int:
             raise ConfigError(f"audio file not found: {path}")
     bits, avg = _precision(args)
     source = args.artifact or args.model
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     transcriber = load_transcriber(source, bits=bits, avg_bits=avg, log=_log)
+    if args.batch_size is not None:
+        transcriber.options = dataclasses.replace(transcriber.options, batch_size=args.batch_size)
     waves = [load_audio(p) for p in args.audio]
     bar = Progress("transcribe", len(waves), len(waves) > 1 and sys.stderr.isatty())
     start = time.perf_counter()

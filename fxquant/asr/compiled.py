@@ -353,6 +353,7 @@ def cached_compile(ckpt, bits: int | None = None, avg_bits: float | None = None,
         key_src += recipe
     if _packed_sweep(avg_bits):      # anchored sweep, the encoder measured on one packed window
         key_src += f"|sweep=anchors,encoder=packed{PACK_SECONDS:g}s"
+    key_src += "|cross=int8-rows"    # the step takes the cross cache as int8 rows (pass int8-kv-inputs)
     if avg_bits is not None:         # compile_whisper splits the token table under a budget
         key_src += f"|table=rowblocks,centered|decoder>={DECODER_MIN_BITS}|sensitivity=richest-text"
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

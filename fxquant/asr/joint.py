@@ -52,7 +52,9 @@ class PartSpec:
 
 
 def _finish_pipeline(target: str) -> str:
-    return FINISH if target == "reference" else f"{FINISH},codegen{{target={target}}}"
+    from fxquant.api import BOUNDARY
+
+    return f"{FINISH},{BOUNDARY}" if target == "reference" else f"{FINISH},codegen{{target={target}}},{BOUNDARY}"
 
 
 def compile_jointly(parts: list[PartSpec], avg_bits: float | None = None, budget_bytes: int | None = None,

@@ -1,4 +1,4 @@
-"""The generated per-row int8 quantizer (codegen/kv_quant.py) vs fxquant.ops.kv_int8_per_row, bit for bit:
+"""The generated per-row int8 quantizer (codegen/kv_quant.py) vs fxquant.kv_rows.kv_int8_per_row, bit for bit:
 shape sweeps (head dims off the 16-lane vector width included), strided views, special values, threads,
 errors, and FusedAttention converting its constant keys / values with it."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from fxquant.codegen import TARGETS
 from fxquant.codegen.attention import attention_kernel
 from fxquant.codegen.kv_quant import row_quantizer
 from fxquant.codegen.threadpool import kernel_threads
-from fxquant.ops import FusedAttention, kv_int8_per_row
+from fxquant.kv_rows import kv_int8_per_row
+from fxquant.ops import FusedAttention
 from fxquant.qweight import quantize_activation_per_row
 
 RUNNABLE = [t for t in ("avx512", "avx2", "portable") if TARGETS[t].runnable()]
@@ -125,10 +126,28 @@ def test_fused_attention_uses_it_and_sees_new_contents(target):
     q = torch.randn(2, 3, 1, 16)
     k, v = cache[:, 0], cache[:, 1]
     out = att(q, k, v)
-    assert torch.equal(att._kv_memo["k"][2][0], kv_int8_per_row(k)[0])
+    assert torch.equal(att._kv_memo._slots["k"][2][0], kv_int8_per_row(k)[0])
     torch.testing.assert_close(out, att.reference(q, k, v), rtol=1e-5, atol=1e-5, equal_nan=True)
     cache.copy_(torch.randn(cache.shape))            # same tensors, new contents
     again = att(q, k, v)
-    assert torch.equal(att._kv_memo["k"][2][0], kv_int8_per_row(k)[0])
+    assert torch.equal(att._kv_memo._slots["k"][2][0], kv_int8_per_row(k)[0])
     torch.testing.assert_close(again, att.reference(q, k, v), rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, again)
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_out_buffers_are_written_in_place(target):
+    """out=(codes, scales): one window written into a slice of a batch buffer, the bits of a fresh call."""
+    quant = row_quantizer(target)
+    t = _special((2, 3, 17, 64), 7)
+    codes, scales = torch.zeros(3, 3, 17, 64, dtype=torch.int8), torch.zeros(3, 3, 17, 1)
+    got = quant(t, out=(codes[1:], scales[1:]))
+    want = quant(t)
+    assert got[0].data_ptr() == codes[1:].data_ptr()
+    assert torch.equal(codes[1:], want[0])
+    torch.testing.assert_close(scales[1:], want[1], rtol=0, atol=0, equal_nan=True)
+    assert not codes[0].any()                                        # nothing outside the window written
+    with pytest.raises(ValueError, match="out must be contiguous int8"):
+        quant(t, out=(codes[1:].transpose(1, 2), scales[1:]))
+    with pytest.raises(ValueError, match="out must be contiguous int8"):
+        quant(t, out=(codes[1:], scales[1:].double()))

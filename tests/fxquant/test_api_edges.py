@@ -62,7 +62,7 @@ def test_fallback_without_a_compiler_compiles_for_the_reference_path(monkeypatch
 
 def test_fallback_reaches_the_codegen_pass():
     cm = fxquant.compile_lowbit(_mlp(), (X,), bits=4, fallback=True, target="portable")
-    assert cm.pipeline.endswith("codegen{target=portable,fallback=true}")
+    assert cm.pipeline.endswith("codegen{target=portable,fallback=true},int8-kv-inputs")
 
 
 def test_meta_device_inputs_and_models_are_clear_errors():

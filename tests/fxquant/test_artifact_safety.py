@@ -187,3 +187,11 @@ def test_unregistered_output_type_says_what_to_import(art):
 
     _edit(art, change)
     _load_fails(art, "import that library before fxquant.load")
+
+
+@pytest.mark.parametrize("fmt, needle", [("int8-rows", "an int8-rows input must be int8"),
+                                         ("row-scales", "a row-scales input must follow"),
+                                         ("exec", "is not one of")])
+def test_an_input_format_must_be_a_consistent_int8_rows_pair(art, fmt, needle):
+    _edit(art, lambda m: m["inputs"][0].update(format=fmt))
+    _load_fails(art, needle)

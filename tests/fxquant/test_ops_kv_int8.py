@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.ops import FusedAttention, kv_int8_per_row
+from fxquant.kv_rows import kv_int8_per_row
+from fxquant.ops import FusedAttention
 from fxquant.qweight import quantize_activation_per_row
 
 
@@ -43,18 +44,18 @@ def test_attention_with_int8_kv_matches_its_reference():
 
 
 def test_forget_constant_kv_drops_the_int8_copies(monkeypatch):
-    import fxquant.ops as ops
+    import fxquant.kv_rows as kv_rows
     from fxquant.asr.decoding import _forget_constant_kv
 
     calls = []
-    real = ops.kv_int8_per_row
-    monkeypatch.setattr(ops, "kv_int8_per_row", lambda t: calls.append(1) or real(t))
+    real = kv_rows.kv_int8_per_row
+    monkeypatch.setattr(kv_rows, "kv_int8_per_row", lambda t: calls.append(1) or real(t))
     att = FusedAttention(head_dim=8, kv_int8=True)
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     first = att(q, k, v)
     assert torch.equal(att(q, k, v), first) and len(calls) == 2          # k and v once: memo hits after
     step = torch.nn.Sequential(att)
     _forget_constant_kv(step)
-    assert att._kv_memo == {}
+    assert att._kv_memo._slots == {}
     assert torch.equal(att(q, k, v), first) and len(calls) == 4          # recomputed, the same numbers
     _forget_constant_kv(lambda *a: None)                  # an fp32 step (a function): nothing to do

@@ -80,8 +80,9 @@ def test_default_pipeline_text():
     assert fxquant.default_pipeline("native").startswith(
         "cleanup,fold-bn,const-fold,linearize,propagate-shapes,calibrate"
     )
-    assert fxquant.default_pipeline("avx2").endswith("codegen{target=avx2}")
+    assert fxquant.default_pipeline("avx2").endswith("codegen{target=avx2},int8-kv-inputs")   # inputs: last
     assert "codegen" not in fxquant.default_pipeline("reference")
+    assert fxquant.default_pipeline("reference").endswith("lower-attention,int8-kv-inputs")
     assert ",calibrate{full_h=False}," in fxquant.default_pipeline("native", full_h=False)
 
 

@@ -70,12 +70,12 @@ def test_constant_kv_is_converted_once_per_unmodified_input():
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     cache = torch.stack([k, v])
     first = att(q, cache[0], cache[1])
-    packed = att._kv_memo["k"][2]
+    packed = att._kv_memo._slots["k"][2]
     again = att(q, cache[0], cache[1])                          # new views of the same tensor: reused
-    assert att._kv_memo["k"][2] is packed and torch.equal(first, again)
+    assert att._kv_memo._slots["k"][2] is packed and torch.equal(first, again)
     cache[0].mul_(2)                                            # written in place: converted again
     changed = att(q, cache[0], cache[1])
-    assert att._kv_memo["k"][2] is not packed and not torch.equal(changed, first)
+    assert att._kv_memo._slots["k"][2] is not packed and not torch.equal(changed, first)
     torch.testing.assert_close(changed, att.reference(q, cache[0], cache[1]))
 
 

@@ -65,3 +65,24 @@ def test_python_api(tiny_ckpt, lj_clips):
 
     texts = fxquant.transcribe("whisper-tiny.en", [lj_clips[1].path])
     assert normalize_english(texts[0]) == normalize_english(lj_clips[1].text)
+
+
+def test_batch_size_changes_the_batching_not_the_text(tiny_ckpt, lj_clips, capsys, monkeypatch):
+    from fxquant.asr import transcriber as tr
+
+    sizes = []
+    real = tr.Transcriber.decode
+    monkeypatch.setattr(tr.Transcriber, "decode", lambda self, mels, *a: sizes.append(mels.shape[0]) or
+                        real(self, mels, *a))
+    paths = [str(c.path) for c in lj_clips[1:4]]
+    assert main(["transcribe", *paths, "--format", "tsv"]) == 0
+    batched = capsys.readouterr().out
+    assert main(["transcribe", *paths, "--format", "tsv", "--batch-size", "1"]) == 0
+    assert capsys.readouterr().out == batched and sizes == [3, 1, 1, 1]
+
+
+@pytest.mark.parametrize("argv, needle", [(["--batch-size", "0"], "--batch-size must be at least 1"),
+                                          (["--model", "digits", "--batch-size", "2"], "applies to Whisper")])
+def test_bad_batch_size_exit_2(lj_clips, capsys, argv, needle):
+    assert main(["transcribe", str(lj_clips[1].path), *argv]) == 2
+    assert needle in capsys.readouterr().err

@@ -123,3 +123,37 @@ def test_greedy_pick_is_torch_argmax():
     x[4, 5] = float("inf")
     x[5, 3], x[5, 40] = float("nan"), float("nan")
     assert torch.equal(torch.from_numpy(x.numpy().argmax(-1)).long(), x.argmax(-1))
+
+
+def test_a_step_taking_int8_rows_gets_the_cross_cache_window_by_window(small_ckpt, tokenizer):
+    """A compiled step whose cross cache input is int8 rows (pass int8-kv-inputs) gets (codes, scales) built
+    one window at a time into the scratch: the bits the step makes of the float cache, and the same decode."""
+    import fxquant
+    from fxquant.models.whisper import DecoderStep
+
+    model = small_ckpt.model
+    mels = mel_batch(3, seed=1)
+    audio = model.encoder(mels)
+    example = (torch.tensor([[1, 2, 3]] * 2), model.decoder.cross_cache(audio[:2]), model.decoder.empty_cache(2),
+               torch.tensor(0))
+    step = fxquant.compile_lowbit(DecoderStep(model.decoder), example, bits=8)
+    assert step.input_spec.row_inputs == {1: "cross_kv"}
+    calls = []
+
+    def cross_cache(a):
+        calls.append(a.shape[0])
+        return model.decoder.cross_cache(a)
+    parts = dataclasses.replace(ModelParts.from_model(model), cross_cache=cross_cache, step=step,
+                                kernel_owned_threads=True)
+    scratch = DecodeScratch()
+    codes, scales = parts.cross_kv(audio, scratch)
+    want = step.int8_rows(model.decoder.cross_cache(audio))
+    assert calls == [1, 1, 1] and torch.equal(codes, want[0]) and torch.equal(scales, want[1])
+    again = parts.cross_kv(audio[:2], scratch)
+    assert again[0].data_ptr() == codes.data_ptr() and torch.equal(again[0], want[0][:2])
+    opts = DecodeOptions(max_tokens=8)
+    got = decode_windows(parts, tokenizer, mels, opts, audio=audio, scratch=DecodeScratch())
+    float_parts = dataclasses.replace(parts, step=lambda *a: step(*a))      # passes the float cache: converted
+    plain = decode_windows(float_parts, tokenizer, mels, opts, audio=audio, scratch=DecodeScratch())
+    assert [r.tokens for r in got] == [r.tokens for r in plain] and len(got[0].tokens) > 0
+    assert [r.sum_logprob for r in got] == [r.sum_logprob for r in plain]
