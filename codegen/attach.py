@@ -1,4 +1,4 @@
-"""Attach compiled kernels to every LowbitLinear / LowbitConv / FusedAttention of a GraphModule.
+"""Attach compiled kernels to every LowbitLinear / LowbitConv / FusedAttention / LowbitEmbedding of a graph.
 
 Kernels are built concurrently (BUILD_WORKERS compiler processes at a time; codegen/build.py serialises
 builds of one source, so two ops with the same shape compile once) and attached in graph order.
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from fxquant.ops import FusedAttention, LowbitConv, LowbitLinear
+from fxquant.ops import FusedAttention, LowbitConv, LowbitEmbedding, LowbitLinear
 
 from .build import BuildError, atomic_write
+from .embedding_rows import embedding_rows, serves
 from .kernels import compile_op
 from .never_slower import TORCH_CHOICE, Timing, capture_op_inputs, decide, fallback_for, kernel_serves
 from .render import UnsupportedOp
@@ -157,7 +158,7 @@ def attach_kernels(
     """
     report = AttachReport()
     if target == "reference":
-        for name, op in lowered_ops(gm):
+        for name, op in lowered_ops(gm) + _embeddings(gm):
             op.kernel, op.backend = None, "reference"
             report.backends[name] = "reference"
         return report
@@ -173,9 +174,35 @@ def attach_kernels(
                 _use_torch(name, op, report)
                 continue
             _attach_one(name, op, *builds[name].result(), report, out_dir)
+    _attach_embeddings(gm, t, fallback, cache_dir, report)  # after the linears (may re-home shared codes)
     if never_slower and example_inputs:
         _time_against_torch(gm, report, example_inputs, timing_budget_s)
     return report
+
+
+def _embeddings(gm: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in gm.named_modules() if isinstance(m, LowbitEmbedding)]
+
+
+def _attach_embeddings(gm, t, fallback: bool, cache_dir, report: AttachReport) -> None:
+    """Every LowbitEmbedding the row kernel can serve gets it (one C function per target, shared)."""
+    ops = _embeddings(gm)
+    if not ops:
+        return
+    try:
+        rows = embedding_rows(t, cache_dir)
+    except (UnsupportedOp, BuildError) as exc:
+        if not fallback:
+            raise
+        rows, why = None, str(exc)
+    for name, op in ops:
+        reason = why if rows is None else serves(op)
+        if reason is None:
+            op.kernel, op.backend = rows, f"c:{t.name}"
+            report.attached[name], report.backends[name] = rows.name, op.backend
+        else:
+            op.kernel, op.backend = None, "reference"
+            report.backends[name], report.fell_back[name] = "reference", reason
 
 
 def _attach_one(name: str, op, kernel, used: str, report: AttachReport, out_dir) -> None:

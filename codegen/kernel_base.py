@@ -9,9 +9,11 @@ Example:
 """
 from __future__ import annotations
 
-from .targets import Target
+from functools import lru_cache
 
-__all__ = ["_Kernel"]
+from .targets import Target, resolve_target
+
+__all__ = ["_Kernel", "target_kernel"]
 
 
 class _Kernel:
@@ -35,3 +37,21 @@ class _Kernel:
     def __reduce__(self):
         raise TypeError(f"compiled kernel {self.name} cannot be pickled; save the model without kernels "
                         "(attach_kernels(gm, target='reference')) and re-attach them after loading")
+
+
+def target_kernel(cls, template: str, target, cache_dir: str | None = None):
+    """cls(name, target, source, lib) for a kernel with one library per target (no per-layer constants):
+    the template rendered as `<template stem>_<target>`, built once per process, cached on disk by content
+    hash (codegen.kv_quant.row_quantizer, codegen.embedding_rows.embedding_rows)."""
+    cache = None if cache_dir is None else str(cache_dir)
+    return _target_kernel(cls, template, resolve_target(target), cache)
+
+
+@lru_cache(maxsize=None)
+def _target_kernel(cls, template: str, target: Target, cache_dir: str | None):
+    from .render import render
+    from .threadpool import load_kernel_library
+
+    name = f"{template.split('.')[0]}_{target.name}"
+    src = render(template, name=name, family=target.family)
+    return cls(name, target, src, load_kernel_library(src, name, target.flags, cache_dir))

@@ -19,14 +19,12 @@ Example:
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
 
 import torch
 
-from .kernel_base import _Kernel
-from .render import render
-from .targets import Target, resolve_target
-from .threadpool import load_kernel_library, num_threads
+from .kernel_base import _Kernel, target_kernel
+from .targets import Target
+from .threadpool import num_threads
 
 __all__ = ["RowQuantizer", "row_quantizer"]
 
@@ -73,14 +71,7 @@ class RowQuantizer(_Kernel):
         return q, s
 
 
-@lru_cache(maxsize=None)
-def _build(target: Target, cache_dir: str | None) -> RowQuantizer:
-    name = f"kv_quant_{target.name}"
-    src = render("kv_quant.c.j2", name=name, family=target.family)
-    return RowQuantizer(name, target, src, load_kernel_library(src, name, target.flags, cache_dir))
-
-
 def row_quantizer(target: str | Target = "native", cache_dir: str | None = None) -> RowQuantizer:
     """The per-row int8 quantizer for a target ("avx512" | "avx2" | "portable" | "native" or a Target),
     built once per process (and cached on disk by content hash)."""
-    return _build(resolve_target(target), None if cache_dir is None else str(cache_dir))
+    return target_kernel(RowQuantizer, "kv_quant.c.j2", target, cache_dir)

@@ -300,9 +300,16 @@ class LowbitEmbedding(_QWeightStore):
         super().__init__()
         self._store(qw)
         self.padding_idx = padding_idx
+        self.kernel = None                       # set by codegen (attach_kernels)
         self.backend = "reference"
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kernel = self.__dict__.get("kernel")      # codegen.embedding_rows: the same bits in one C call
+        if kernel is not None and self.packed_codes.layout == "bits":
+            return kernel(self, tokens)
+        return self.reference(tokens)
+
+    def reference(self, tokens: torch.Tensor) -> torch.Tensor:
         k, gs = self.code_shape[1], self.group_size
         codes = self.packed_codes.rows(tokens)                              # [..., K] uint8, only these rows
         if self.table.shape[0] == 1 and k % gs == 0:  # one shared level table (uniform formats): 5 ops
