@@ -164,8 +164,7 @@ class InputSpec:
             if not (isinstance(value, tuple) and len(value) == 2) and not isinstance(value, torch.Tensor):
                 raise InputError(
                     f"input {name!r} takes per-row int8 keys/values: a float tensor, or the pair "
-                    f"(codes, scales) "
-                    f"from fxquant.kv_rows.quantize_rows; got {type(value).__name__}"
+                    f"(codes, scales) from fxquant.kv_rows.quantize_rows; got {type(value).__name__}"
                 )
 
     @staticmethod

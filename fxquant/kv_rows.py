@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kv_int8_per_row", "quantize_rows", "RowsMemo"]
+__all__ = ["kv_int8_per_row", "quantize_rows", "RowsMemo", "Int8RowInputs"]
 
 
 def kv_int8_per_row(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,3 +114,34 @@ class RowsMemo:
     def clear(self) -> None:
         """Drop every kept conversion (they would otherwise outlive the tensors they came from)."""
         self._slots = {}
+
+
+class Int8RowInputs:
+    """What a CompiledModule offers for the inputs it takes as int8 rows (pass int8-kv-inputs; its
+    `input_spec.row_inputs` names them): the conversion with the module's own quantizer, and the memo that
+    converts a float tensor given there once per tensor."""
+
+    def int8_rows(self, t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(codes, scales) of float keys/values for such an input; `out`: tensors to write into
+        (quantize_rows). Converting once and passing the pair saves the float copy (a decode loop: the
+        cross-attention cache).
+
+        Example:
+            >>> codes, scales = cm.int8_rows(cross)                       # doctest: +SKIP
+            >>> logits, cache = cm(tokens, (codes, scales), cache, offset)  # doctest: +SKIP
+        """
+        return quantize_rows(t, self._rows_memo().quantizer, out)
+
+    def _rows_memo(self) -> RowsMemo:
+        memo = self.__dict__.get("_rows")
+        if memo is None:
+            from .ops import FusedAttention      # a kv-int8 attention kernel's quantizer: the same bits, C
+
+            quant = next((q for m in self.graph_module.modules() if isinstance(m, FusedAttention)
+                          for q in [getattr(m.kernel, "quantize_rows", None)] if q is not None), None)
+            memo = self.__dict__["_rows"] = RowsMemo(quant)
+        return memo
+
+    def forget_inputs(self) -> None:
+        """Drop the int8 conversions kept of float inputs (they would outlive the tensors they came from)."""
+        self.__dict__.pop("_rows", None)

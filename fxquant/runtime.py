@@ -19,6 +19,7 @@ from torch import nn
 from . import ir
 from .ir import UNQUANTIZED_WEIGHT_OPS, float_weights as _float_weights
 from .errors import InputError
+from .kv_rows import Int8RowInputs
 from .ops import LowbitLinear, _LowbitBase, is_lowered
 
 REPORT_COLUMNS = ("node", "module", "op", "weight", "format", "decided_by", "bytes", "fp32_bytes", "sqnr_db",
@@ -223,7 +224,7 @@ def resident_bytes(module: nn.Module) -> int:
 KERNEL_SHARE_FOR_POOL = 0.5  # weight share in C kernels from which the forward runs torch on one thread
 
 
-class CompiledModule(nn.Module):
+class CompiledModule(Int8RowInputs, nn.Module):
     """The compiled model: call it like the original; `.graph_module`, `.report()`, `.report_rows()`."""
 
     def __init__(
@@ -287,35 +288,6 @@ class CompiledModule(nn.Module):
             owns = total > 0 and in_kernels >= KERNEL_SHARE_FOR_POOL * total
             self.__dict__["_kernels_own_threads"] = owns
         return owns
-
-    def int8_rows(self, t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """(codes, scales) of float keys/values for an input this module takes as int8 rows (pass
-        int8-kv-inputs; `self.input_spec.row_inputs` names them), with this module's own quantizer; `out`:
-        tensors to write into (fxquant.kv_rows.quantize_rows). Converting once and passing the pair saves
-        the float copy (a decode loop: the cross-attention cache).
-
-        Example:
-            >>> codes, scales = cm.int8_rows(cross)                       # doctest: +SKIP
-            >>> logits, cache = cm(tokens, (codes, scales), cache, offset)  # doctest: +SKIP
-        """
-        from .kv_rows import quantize_rows
-
-        return quantize_rows(t, self._rows_memo().quantizer, out)
-
-    def _rows_memo(self):
-        memo = self.__dict__.get("_rows")
-        if memo is None:
-            from .kv_rows import RowsMemo
-            from .ops import FusedAttention
-
-            quant = next((q for m in self.graph_module.modules() if isinstance(m, FusedAttention)
-                          for q in [getattr(m.kernel, "quantize_rows", None)] if q is not None), None)
-            memo = self.__dict__["_rows"] = RowsMemo(quant)
-        return memo
-
-    def forget_inputs(self) -> None:
-        """Drop the int8 conversions kept of float inputs (they would outlive the tensors they came from)."""
-        self.__dict__.pop("_rows", None)
 
     def _run_graph(self, args: tuple):
         try:
