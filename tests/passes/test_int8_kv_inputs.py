@@ -88,6 +88,8 @@ def test_a_wrong_form_says_what_the_input_takes(whisper_step):
     with pytest.raises(InputError, match="takes per-row int8 keys/values.*quantize_rows; got list"):
         step(tokens, [cross, cross], model.decoder.empty_cache(2), torch.tensor(0))
     codes, scales = step.int8_rows(cross)
+    with pytest.raises(InputError, match="got tuple of 1"):
+        step(tokens, (codes,), model.decoder.empty_cache(2), torch.tensor(0))
     with pytest.raises(InputError, match="cross_kv_scale"):
         step(tokens, (codes, scales[..., :1, :]), model.decoder.empty_cache(2), torch.tensor(0))
 
