@@ -161,7 +161,8 @@ def _inputs(cm, spec: InputSpec) -> list[dict]:
 def _selftest(cm, spec: InputSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
     """The example inputs and this module's outputs on them (into `tensors`), when they are small."""
     examples = cm.example_inputs
-    if not examples or not spec._flat or not all(isinstance(a, torch.Tensor) for a in examples):
+    flat = spec._flat or spec._pairs_only     # int8-rows inputs: the float examples, converted by the module
+    if not examples or not flat or not all(isinstance(a, torch.Tensor) for a in examples):
         return None
     if sum(a.numel() * a.element_size() for a in examples) > SELFTEST_MAX_BYTES // 2:
         return None

@@ -26,7 +26,7 @@ import torch
 from .errors import ArtifactError
 from .formats import FORMATS
 
-MAX_INT = 1 << 62                   # any int in the manifest
+MAX_INT = (1 << 63) - 1             # any int in the manifest: an int64 (an open slice ends at its maximum)
 MAX_DIM = 1 << 31                   # one tensor dimension
 MAX_NUMEL = 1 << 34                 # elements of one stored tensor
 MAX_TEXT = 4096                     # a free-text field (pipeline, provenance entry)
@@ -35,7 +35,7 @@ MAX_DEPTH = 12                      # nesting of encoded arguments / config valu
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
 _SEGMENT = re.compile(r"[A-Za-z0-9_+]{1,200}\Z")
-_SOURCE = re.compile(r"[A-Za-z0-9_.\-]{1,200}:[0-9]{1,9}\Z")
+_SOURCE = re.compile(r"[A-Za-z0-9_.\-<>]{1,200}:[0-9]{1,9}\Z")   # file.py:12, <stdin>:3, <ipython-input-1>:2
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 DTYPES: dict[str, torch.dtype] = {str(d).replace("torch.", ""): d for d in (
@@ -74,7 +74,7 @@ def want_type(value: Any, types: type | tuple, where: str) -> Any:
     return value
 
 
-def want_int(value: Any, where: str, lo: int = -MAX_INT, hi: int = MAX_INT) -> int:
+def want_int(value: Any, where: str, lo: int = -MAX_INT - 1, hi: int = MAX_INT) -> int:
     want_type(value, int, where)
     if not lo <= value <= hi:
         raise fail(where, f"{value} is outside [{lo}, {hi}]")

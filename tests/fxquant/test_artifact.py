@@ -156,3 +156,28 @@ def test_load_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     fxquant.load(saved)
+
+
+class OpenSlice(torch.nn.Module):
+    """x[:, 1:]: torch.export records the open end as the int64 maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x[:, 1:])
+
+
+def test_open_slices_and_interactive_sources_load(tmp_path):
+    """An open-ended slice (end 2**63 - 1) and a model typed at a prompt (source '<stdin>:5') load."""
+    from fxquant import ir
+
+    x = torch.randn(2, 5, 8)
+    cm = fxquant.compile_lowbit(OpenSlice().eval(), (x,), bits=8, target="reference")
+    assert any(n.args[3:4] == (2**63 - 1,) for n in cm.graph_module.graph.nodes if "slice" in str(n.target))
+    for node in cm.graph_module.graph.nodes:
+        node.meta[ir.SOURCE] = "<stdin>:5"
+    cm.save(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(fxquant.load(tmp_path / "art")(x), cm(x))

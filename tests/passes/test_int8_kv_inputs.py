@@ -138,7 +138,7 @@ def test_inputs_with_other_uses_or_last_axis_views_stay_float_with_the_reason():
     assert "views its last axis" in cm.timings[-1].message and not cm.input_spec.row_inputs
 
 
-def test_slices_of_other_axes_are_followed_and_numbers_match():
+def test_slices_of_other_axes_are_followed_and_numbers_match(tmp_path):
     k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     model = Attention(kv=lambda k, v: (k[:, :, 1:], v[:, :, 1:])).eval()
     cm = _compile(model, (X, k, v))
@@ -150,6 +150,10 @@ def test_slices_of_other_axes_are_followed_and_numbers_match():
     with torch.no_grad():
         torch.testing.assert_close(cm(X, k, v), want)
         torch.testing.assert_close(cm(X, cm.int8_rows(k), cm.int8_rows(v)), want)
+    cm.save(tmp_path / "art")        # the float examples are stored as its self-test, run again at load
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["selftest"] is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fxquant.load(tmp_path / "art")(X, k, v), want)
 
 
 def test_nothing_to_do_is_said():
