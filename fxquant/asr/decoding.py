@@ -106,7 +106,6 @@ class ModelParts:
             out[i:i + 1].copy_(self.cross_cache(audio[i:i + 1]))
         return out
 
-
     def _cross_int8(self, audio: torch.Tensor, scratch: "DecodeScratch | None") -> tuple[torch.Tensor, torch.Tensor]:
         """The cross cache as (int8 codes, float32 row scales), for a compiled step that takes it so (pass
         int8-kv-inputs): computed one window at a time and converted into the batch's buffers, so only one
