@@ -134,11 +134,10 @@ class Int8RowInputs:
 
     def _rows_memo(self) -> RowsMemo:
         memo = self.__dict__.get("_rows")
-        if memo is None:
-            from .ops import FusedAttention      # a kv-int8 attention kernel's quantizer: the same bits, C
-
-            quant = next((q for m in self.graph_module.modules() if isinstance(m, FusedAttention)
-                          for q in [getattr(m.kernel, "quantize_rows", None)] if q is not None), None)
+        if memo is None:                     # a kv-int8 attention kernel's quantizer: the same bits, in C
+            kernels = (getattr(m, "kernel", None) for m in self.graph_module.modules())
+            found = (getattr(k, "quantize_rows", None) for k in kernels)
+            quant = next((q for q in found if q is not None), None)
             memo = self.__dict__["_rows"] = RowsMemo(quant)
         return memo
 
