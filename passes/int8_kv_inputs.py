@@ -51,22 +51,26 @@ def _reads_shape_only(user: fx.Node) -> bool:
         (user.op == "call_function" and user.target is aten.sym_size.int)
 
 
-def _row_uses(gm: fx.GraphModule, root: fx.Node) -> tuple[list[fx.Node], list[tuple[fx.Node, int]]] | str:
-    """(the view nodes under `root`, the (attention call, k/v position) pairs they end in), or why not."""
+def _row_uses(gm: fx.GraphModule, root: fx.Node) -> tuple[list, list, str | None]:
+    """(the row views under `root`, the (int8-K/V attention call, k/v position) pairs its views reach, why it
+    cannot be taken as int8 rows or None). One walk through every view, so an input that attention reads but
+    that does not qualify is told apart from one no attention reads."""
     rank = _rank(root)
-    if rank is None:
-        return "its rank is unknown (run propagate-shapes)"
-    views, ends, todo = [], [], [(root, rank)]
+    why = None if rank is not None else "its rank is unknown (run propagate-shapes)"
+    views, ends, todo = [], [], [(root, rank or 1)]
     while todo:
         node, r = todo.pop()
         for user in node.users:
             if node is root and _reads_shape_only(user):
                 continue                  # the codes have the input's shape: size reads and guards still hold
-            if user.op == "call_function" and user.target in ROW_VIEWS and user.args[0] is node:
+            if user.op == "call_function" and user.target in LAYOUT_OPS and user.args[0] is node:
                 dim = user.args[1] if len(user.args) > 1 else 0
-                if not isinstance(dim, int) or dim % r == r - 1 or user.kwargs:
-                    return f"{user.name} views its last axis"
-                views.append(user)
+                if user.target not in ROW_VIEWS or user.kwargs or not isinstance(dim, int):
+                    why = why or f"{user.name} is a {user.target.__name__} view, not a select / slice"
+                elif dim % r == r - 1:
+                    why = why or f"{user.name} views its last axis"
+                else:
+                    views.append(user)
                 todo.append((user, r - 1 if user.target is aten.select.int else r))
                 continue
             mod = gm.get_submodule(user.target) if user.op == "call_module" else None
@@ -74,23 +78,10 @@ def _row_uses(gm: fx.GraphModule, root: fx.Node) -> tuple[list[fx.Node], list[tu
             scaled = [i for i in at if len(user.args) > i + 3 and user.args[i + 3] is not None]
             if not isinstance(mod, FusedAttention) or not mod.kv_int8 or not at or set(at) - {KEY, VALUE} \
                     or user.kwargs or scaled:
-                return f"{user.name} reads it other than as int8 attention keys/values"
-            ends += [(user, i) for i in at]
-    return (views, ends) if ends else "no attention reads it"
-
-
-def _feeds_int8_attention(gm: fx.GraphModule, root: fx.Node) -> bool:
-    """True when views of `root` reach an int8-K/V FusedAttention's key or value."""
-    todo = [root]
-    while todo:
-        node = todo.pop()
-        for user in node.users:
-            if user.op == "call_function" and user.target in LAYOUT_OPS:
-                todo.append(user)
-            elif user.op == "call_module" and user.target != "_guards_fn" and user.args[1:3].count(node) \
-                    and getattr(gm.get_submodule(user.target), "kv_int8", False):
-                return True
-    return False
+                why = why or f"{user.name} reads it other than as int8 attention keys/values"
+            else:
+                ends += [(user, i) for i in at]
+    return views, ends, why
 
 
 def _fake(node: fx.Node, make) -> None:
@@ -175,16 +166,17 @@ def int8_kv_inputs(gm: fx.GraphModule, ctx) -> PassResult:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     done, kept = [], []
     for leaf, root in enumerate(placeholders):
-        uses = _row_uses(gm, root)
-        if isinstance(uses, str):
-            if _feeds_int8_attention(gm, root):
-                kept.append(f"{root.target}: {uses}")
+        views, ends, why = _row_uses(gm, root)
+        if not ends:                    # no int8 attention reads it: nothing to say
+            continue
+        if why:
+            kept.append(f"{root.target}: {why}")
             continue
         spec = None if info is None or info.in_spec is None else _pair_in_spec(info.in_spec, leaf + len(done))
         if spec is None:
             kept.append(f"{root.target}: not a top-level input of a torch.export capture")
             continue
-        _split_input(gm, root, *uses)
+        _split_input(gm, root, views, ends)
         info = info._replace(in_spec=spec)
         gm.graph._codegen.pytree_info = info
         done.append(str(root.target))
